@@ -1,0 +1,153 @@
+"""The diff vector δ over a set of frozen tensors, in its two training forms.
+
+Every diff-pruned tensor of the model is laid end to end in one flat vector of length d (`FlatLayout`),
+so gate sampling, the L0 penalty, the optimizer step and the global top-k projection are each one
+vectorised operation over d instead of a loop over a hundred tensors.
+
+* `L0Diff` — the L0 phase: δ = z ⊙ w with Hard-Concrete gates z (optionally times one group gate per
+  tensor: structured Diff Pruning), w initialised at 0 and α at α₀ (z ≈ 1 at the start).
+* `FixedMaskDiff` — the fixed-mask phase and every other sparse method (non-adaptive Diff Pruning,
+  LT-SFT): a fixed sorted set of flat positions and one trainable value per position.
+
+Plain torch, no transformers: the model wrapper that turns δ into θ + δ lives in `diffprune.sparse_model`.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from . import hard_concrete as hc
+
+
+class FlatLayout:
+    """Offsets of named tensors inside one flat vector."""
+
+    def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]]):
+        if len(names) != len(shapes) or not names:
+            raise ValueError("a layout needs one shape per name and at least one tensor")
+        self.names = list(names)
+        self.shapes = [tuple(int(s) for s in shape) for shape in shapes]
+        self.numels = [int(torch.Size(s).numel()) for s in self.shapes]
+        self.offsets = [0]
+        for n in self.numels:
+            self.offsets.append(self.offsets[-1] + n)
+
+    @property
+    def total(self) -> int:
+        return self.offsets[-1]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Views of `flat` shaped like each tensor (no copy)."""
+        return [flat[a:b].view(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    def segments(self, flat_indices: Tensor) -> list[tuple[int, int]]:
+        """For sorted flat indices, the [start, stop) range of them that falls into each tensor."""
+        bounds = torch.searchsorted(flat_indices, torch.tensor(self.offsets, dtype=flat_indices.dtype))
+        bounds = bounds.tolist()
+        return list(zip(bounds, bounds[1:]))
+
+
+class L0Diff(nn.Module):
+    """δ = z ⊙ w with stretched Hard-Concrete gates, trained with the expected-L0 penalty."""
+
+    def __init__(self, layout: FlatLayout, structured: bool = False, alpha_init: float = 5.0,
+                 left: float = hc.LEFT, right: float = hc.RIGHT, checkpoint_gate: bool = True):
+        super().__init__()
+        hc.log_ratio(left, right)  # validates the interval
+        self.layout, self.left, self.right = layout, left, right
+        self.structured = structured
+        # Recomputing the gate in backward (the RNG state is replayed) keeps the L0 phase's extra memory
+        # to w, α and their optimizer state instead of four more d-sized activations.
+        self.checkpoint_gate = checkpoint_gate
+        d = layout.total
+        self.w = nn.Parameter(torch.zeros(d))
+        self.log_alpha = nn.Parameter(torch.full((d,), float(alpha_init)))
+        if structured:
+            self.group_log_alpha = nn.Parameter(torch.full((len(layout),), float(alpha_init)))
+        else:
+            self.register_parameter("group_log_alpha", None)
+        self.register_buffer("group_sizes", torch.tensor(layout.numels, dtype=torch.long), persistent=False)
+
+    def _expand(self, per_group: Tensor) -> Tensor:
+        return torch.repeat_interleave(per_group, self.group_sizes, output_size=self.layout.total)
+
+    def gates(self, stochastic: bool, generator: torch.Generator | None = None) -> Tensor:
+        """z over all d entries (times the group gate when structured)."""
+        if stochastic:
+            z = hc.sample_gate(self.log_alpha, self.left, self.right, generator)
+        else:
+            z = hc.expected_gate(self.log_alpha, self.left, self.right)
+        if self.structured:
+            if stochastic:
+                zg = hc.sample_gate(self.group_log_alpha, self.left, self.right, generator)
+            else:
+                zg = hc.expected_gate(self.group_log_alpha, self.left, self.right)
+            z = z * self._expand(zg)
+        return z
+
+    def _delta(self, w: Tensor, log_alpha: Tensor, group_log_alpha: Tensor | None) -> Tensor:
+        # Arguments are passed explicitly so that checkpoint() sees them as inputs of the recomputed graph.
+        return self.gates(stochastic=self.training) * w
+
+    def forward(self) -> Tensor:
+        """δ (flat, length d): a fresh sample in training mode, the noise-free gate in eval mode."""
+        if self.checkpoint_gate and self.training and torch.is_grad_enabled():
+            return checkpoint(self._delta, self.w, self.log_alpha, self.group_log_alpha,
+                              use_reentrant=False, preserve_rng_state=True)
+        return self._delta(self.w, self.log_alpha, self.group_log_alpha)
+
+    def expected_l0(self) -> Tensor:
+        """E‖δ‖₀ (a differentiable scalar)."""
+        return hc.expected_l0(self.log_alpha, self.left, self.right, self.group_log_alpha,
+                              self.group_sizes if self.structured else None)
+
+    @torch.no_grad()
+    def keep_probability(self) -> Tensor:
+        """P(δ_i ≠ 0) per entry: the tie-break when projecting."""
+        p = hc.prob_nonzero(self.log_alpha, self.left, self.right)
+        if self.structured:
+            p = p * self._expand(hc.prob_nonzero(self.group_log_alpha, self.left, self.right))
+        return p
+
+    @torch.no_grad()
+    def open_fraction(self) -> float:
+        """Share of entries whose gate is more likely open than closed (P(z > 0) > 0.5)."""
+        return float((self.keep_probability() > 0.5).float().mean())
+
+    @torch.no_grad()
+    def final_delta(self, generator: torch.Generator | None = None) -> Tensor:
+        """δ = z ⊙ w with u sampled once: the paper's end-of-phase diff (many entries exactly 0)."""
+        return self.gates(stochastic=True, generator=generator) * self.w
+
+
+class FixedMaskDiff(nn.Module):
+    """A diff with a fixed support: sorted flat positions and one trainable value each."""
+
+    def __init__(self, layout: FlatLayout, indices: Tensor, values: Tensor | None = None):
+        super().__init__()
+        indices = indices.to(torch.long).reshape(-1)
+        if indices.numel() and (indices[0] < 0 or indices[-1] >= layout.total):
+            raise ValueError("mask positions fall outside the diff vector")
+        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise ValueError("mask positions must be strictly increasing")
+        self.layout = layout
+        self.register_buffer("indices", indices)
+        self.values = nn.Parameter(torch.zeros(indices.numel()) if values is None else values.detach().clone().float())
+        # Per tensor: the [start, stop) slice of (indices, values) that falls into it.
+        self._segments = layout.segments(indices)
+
+    def per_tensor(self) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """(tensor number, local flat positions, values) for every tensor with at least one position."""
+        for i, (a, b) in enumerate(self._segments):
+            if b > a:
+                yield i, self.indices[a:b] - self.layout.offsets[i], self.values[a:b]
+
+    def dense(self) -> Tensor:
+        """δ as a dense flat vector (for tests and small models)."""
+        return torch.zeros(self.layout.total, dtype=self.values.dtype).index_put((self.indices,), self.values)

