@@ -1,0 +1,137 @@
+"""The method interface every training method implements, and the registry that names them.
+
+A method is a small plug-in: a config dataclass and a class with four verbs. The training pipeline
+(`diffprune.train.pipeline`) drives any method the same way:
+
+    method = get_method("diff-pruning")(config, base_model, head_names)
+    for phase in method.phases:                 # e.g. ("l0", "fixed_mask") or ("finetune",)
+        spec = method.build_phase(phase)        # the module to train + optimizer groups + penalty
+        ... Trainer trains spec.model ...
+        method.end_phase(phase)                 # e.g. project δ onto the L0 ball
+        save(method.export())                   # a resumable snapshot, also the final task diff
+
+`restore(diff)` puts a method back into the state right after the phase that produced `diff`, which is
+how `--resume` skips finished phases. Register a method by decorating its class with `@register`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from torch import Tensor, nn
+
+from ..errors import DiffpruneError, unknown_name
+from ..storage import TaskDiff
+
+
+@dataclass
+class ParamGroup:
+    """One optimizer group: its parameters, learning rate, weight decay and schedule."""
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+    weight_decay: float = 0.0
+    schedule: str = "linear"  # "linear" (warmup then linear decay) or "constant"
+    eps: float = 1e-8
+
+
+@dataclass
+class PhaseSpec:
+    """What the trainer needs for one phase of a method."""
+    name: str
+    model: nn.Module                       # forward(**batch) -> HF output with .loss and .logits
+    groups: list[ParamGroup]
+    epochs: float
+    penalty: Callable[[], Tensor] | None = None        # added to the task loss (λ·E‖δ‖₀)
+    stats: Callable[[], dict[str, float]] | None = None  # extra values logged with the loss
+
+
+@dataclass
+class MethodConfig:
+    """Fields shared by every method. Subclasses add their own, each documented where declared."""
+    lr: float = 5e-5            # learning rate of the trained pretrained-side parameters
+    head_lr: float | None = None  # learning rate of the task head (None: same as lr)
+    weight_decay: float = 0.0
+    epochs: float = 3.0         # epochs of the (last) training phase
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DiffpruneError(f"unknown option(s) {unknown} for this method (known: {sorted(known)})")
+        return cls(**values)
+
+    def check_positive(self, **values: float) -> None:
+        for key, value in values.items():
+            if value is None or value <= 0:
+                raise DiffpruneError(f"{key} must be > 0, got {value}")
+
+
+class Method(ABC):
+    """A parameter-efficient (or full) training method; see the module docstring."""
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    phases: tuple[str, ...] = ("finetune",)
+
+    def __init__(self, config: MethodConfig, model: nn.Module, head_names: list[str]):
+        self.config = config
+        self.model = model
+        self.head_names = list(head_names)
+
+    @abstractmethod
+    def build_phase(self, phase: str) -> PhaseSpec:
+        """Prepare `phase` and say what to train."""
+
+    def end_phase(self, phase: str) -> None:
+        """Transition after `phase` (default: nothing)."""
+
+    @abstractmethod
+    def export(self) -> TaskDiff:
+        """What is stored for the task now (its `base_model`/`task` fields are filled by the caller)."""
+
+    @abstractmethod
+    def restore(self, diff: TaskDiff) -> None:
+        """Return to the state saved by `export()` (the snapshot of a finished phase)."""
+
+    def eval_model(self) -> nn.Module:
+        """The module to evaluate now (default: the model with the current task state applied)."""
+        return self.model
+
+    def head_group(self) -> ParamGroup:
+        params = [self.model.get_parameter(n) for n in self.head_names]
+        lr = self.config.head_lr or self.config.lr
+        return ParamGroup("head", params, lr, self.config.weight_decay)
+
+    def head_state(self) -> dict[str, Tensor]:
+        return {n: self.model.get_parameter(n).detach().clone() for n in self.head_names}
+
+    def load_head(self, dense: dict[str, Tensor]) -> None:
+        for name, value in dense.items():
+            if name in self.head_names:
+                self.model.get_parameter(name).data.copy_(value)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    from . import _load_all  # noqa: F401  (imports every built-in method so that it registers)
+
+    if name not in METHODS:
+        raise unknown_name("method", name, METHODS)
+    return METHODS[name]
+
+
+def make_config(method: type[Method], values: dict[str, Any]) -> MethodConfig:
+    return method.config_class.from_dict({k: v for k, v in values.items() if v is not None})

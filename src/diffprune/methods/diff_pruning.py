@@ -1,0 +1,93 @@
+"""Diff Pruning (Guo, Rush & Kim, ACL 2021): a learned sparse diff over a frozen pretrained model.
+
+Phases: `l0` trains δ = z ⊙ w with Hard-Concrete gates and the penalty λ·E‖δ‖₀ (α in its own optimizer
+group, AdamW at a constant learning rate); at its end the gates are sampled once, δ is projected onto the
+L0 ball (exactly t·d entries kept by |δ|), and `fixed_mask` finetunes those entries with the mask fixed.
+`--structured` adds one group gate per pretrained tensor. The task head trains densely throughout.
+
+    diffprune train --model minilm --task rte --data-dir ../shared/data/glue \
+        --method diff-pruning --structured --sparsity 0.005 --output-dir runs/rte-dp
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.diff_vector import FixedMaskDiff, L0Diff
+from ..core.projection import project_l0
+from ..errors import DiffpruneError
+from ..sparse_model import DeltaModel, layout_for, select_parameters
+from .base import Method, MethodConfig, ParamGroup, PhaseSpec, register
+from .sparse import FixedMaskMixin
+
+
+@dataclass
+class DiffPruningConfig(MethodConfig):
+    sparsity: float = 0.005     # t: share of the diff-pruned entries kept by the projection, in (0, 1]
+    structured: bool = False    # one extra group gate per pretrained tensor
+    l0_lambda: float = 1.25e-7  # λ, weight of E‖δ‖₀ in the loss (its right size depends on d)
+    l0_epochs: float = 3.0      # epochs of the L0 phase (`epochs` is the fixed-mask phase)
+    alpha_lr: float = 0.1       # constant AdamW learning rate of the gate parameters α
+    alpha_eps: float = 1e-8     # AdamW eps of α: with Adam it sets the sparsity reached as much as λ does
+    alpha_init: float = 5.0     # α₀: sigmoid(5)·3 − 1.5 > 1, so every gate starts fully open
+    left: float = -1.5          # l, the stretch interval's lower end
+    right: float = 1.5          # r, its upper end
+    fixed_lr: float | None = None  # learning rate of the fixed-mask phase (None: lr)
+    include: list[str] = field(default_factory=list)  # patterns of parameters to diff-prune (default: all)
+    exclude: list[str] = field(default_factory=list)  # patterns to leave frozen
+    checkpoint_gate: bool = True  # recompute the gates in backward instead of storing them (saves memory)
+    seed: int = 0               # seed of the once-sampled final mask
+
+    def __post_init__(self):
+        if not (0.0 < self.sparsity <= 1.0):
+            raise DiffpruneError(f"--sparsity is the share of entries kept and must be in (0, 1], got "
+                                 f"{self.sparsity} (0.005 keeps 0.5%)")
+        if not (self.left < 0.0 < self.right):
+            raise DiffpruneError(f"the stretch interval needs left < 0 < right, got {self.left}, {self.right}")
+        if self.l0_lambda < 0:
+            raise DiffpruneError(f"l0_lambda must be >= 0, got {self.l0_lambda}")
+        self.check_positive(lr=self.lr, alpha_lr=self.alpha_lr, epochs=self.epochs, l0_epochs=self.l0_epochs)
+
+
+@register
+class DiffPruning(FixedMaskMixin, Method):
+    name = "diff-pruning"
+    config_class = DiffPruningConfig
+    phases = ("l0", "fixed_mask")
+
+    def __init__(self, config: DiffPruningConfig, model, head_names):
+        super().__init__(config, model, head_names)
+        self.names = select_parameters(model, head_names, config.include, config.exclude)
+        self.layout = layout_for(model, self.names)
+        self.delta_model: DeltaModel | None = None
+        self.phase_stats: dict[str, float] = {}
+
+    def build_phase(self, phase: str) -> PhaseSpec:
+        c = self.config
+        if phase == "l0":
+            source = L0Diff(self.layout, c.structured, c.alpha_init, c.left, c.right, c.checkpoint_gate)
+            self.delta_model = DeltaModel(self.model, source, self.head_names)
+            alphas = [source.log_alpha] + ([source.group_log_alpha] if c.structured else [])
+            groups = [ParamGroup("diff", [source.w], c.lr, c.weight_decay),
+                      ParamGroup("alpha", alphas, c.alpha_lr, 0.0, schedule="constant", eps=c.alpha_eps),
+                      self.head_group()]
+            d = float(self.layout.total)
+            return PhaseSpec("l0", self.delta_model, groups, c.l0_epochs,
+                             penalty=lambda: c.l0_lambda * source.expected_l0(),
+                             stats=lambda: {"expected_l0_frac": float(source.expected_l0()) / d,
+                                            "gate_open_frac": source.open_fraction()})
+        if phase == "fixed_mask":
+            return self.fixed_mask_phase(c.fixed_lr or c.lr, c.epochs)
+        raise ValueError(phase)
+
+    def end_phase(self, phase: str) -> None:
+        if phase != "l0":
+            return
+        source = self.delta_model.source
+        generator = torch.Generator().manual_seed(self.config.seed)
+        delta = source.final_delta(generator)  # u sampled once: many entries exactly 0
+        self.phase_stats = {"l0_nonzero_frac": float((delta != 0).float().mean()),
+                            "l0_expected_frac": float(source.expected_l0()) / self.layout.total}
+        idx, values = project_l0(delta, self.config.sparsity, tiebreak=source.keep_probability())
+        self.set_fixed_mask(FixedMaskDiff(self.layout, idx, values))

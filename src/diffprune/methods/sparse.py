@@ -1,0 +1,56 @@
+"""Shared machinery of the sparse methods: a fixed-mask diff, its training phase and its storage.
+
+Diff Pruning's last phase, non-adaptive Diff Pruning and LT-SFT all end the same way: a fixed set of
+positions of the pretrained tensors, one trainable value each, the rest frozen. This mixin holds that
+state (`FixedMaskDiff` inside a `DeltaModel`), builds the phase, and converts to and from the stored
+`TaskDiff` (per-tensor positions and values + the dense head).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core.diff_vector import FixedMaskDiff
+from ..sparse_model import DeltaModel
+from ..storage import SparseDelta, TaskDiff
+from .base import ParamGroup, PhaseSpec
+
+
+class FixedMaskMixin:
+    """Needs `self.model`, `self.layout`, `self.names`, `self.head_names`, `self.config`."""
+
+    delta_model: DeltaModel | None
+
+    def set_fixed_mask(self, source: FixedMaskDiff) -> None:
+        self.delta_model = DeltaModel(self.model, source, self.head_names)
+
+    def fixed_mask_phase(self, lr: float, epochs: float, name: str = "fixed_mask") -> PhaseSpec:
+        source = self.delta_model.source
+        groups = [ParamGroup("diff", [source.values], lr, self.config.weight_decay), self.head_group()]
+        return PhaseSpec(name, self.delta_model, groups, epochs)
+
+    def eval_model(self):
+        return self.delta_model if self.delta_model is not None else self.model
+
+    def export(self) -> TaskDiff:
+        source = self.delta_model.source
+        if not isinstance(source, FixedMaskDiff):
+            raise RuntimeError("export() is only defined once the mask is fixed")
+        sparse = {}
+        for i, local, values in source.per_tensor():
+            name = self.layout.names[i]
+            sparse[name] = SparseDelta(tuple(self.layout.shapes[i]), local.detach().clone(),
+                                       values.detach().float().clone())
+        return TaskDiff(method=self.name, base_model="", task="", label_names=None,
+                        config=self.config.to_dict(), sparse=sparse, dense=self.head_state(),
+                        extra={"num_diff_params": self.layout.total, "diff_param_names": self.names})
+
+    def restore(self, diff: TaskDiff) -> None:
+        offsets = dict(zip(self.layout.names, self.layout.offsets))
+        unknown = sorted(set(diff.sparse) - set(offsets))
+        if unknown:
+            raise ValueError(f"snapshot holds tensors outside this method's layout: {unknown[:3]}")
+        parts = sorted(((offsets[n], sd) for n, sd in diff.sparse.items()), key=lambda t: t[0])
+        idx = torch.cat([sd.indices.long() + off for off, sd in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        vals = torch.cat([sd.values.float() for _, sd in parts]) if parts else torch.zeros(0)
+        self.set_fixed_mask(FixedMaskDiff(self.layout, idx, vals))
+        self.load_head(diff.dense)

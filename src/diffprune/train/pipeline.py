@@ -1,0 +1,213 @@
+"""The training recipe: data → model → method phases on the Trainer → evaluation → stored task diff.
+
+One pipeline serves every method. For each phase it trains (checkpointing as it goes), lets the method
+make its transition (Diff Pruning projects δ here), evaluates on every dev split, and writes a snapshot
+of the task state. With `resume=True`, finished phases are restored from their snapshots and an
+unfinished one continues from its last checkpoint, so a stopped run loses at most `save_steps` steps.
+
+Output directory layout:
+    OUT/diff/                 the task diff (diff_config.json + diff.safetensors), see `diffprune.storage`
+    OUT/metrics.json          dev metrics after each phase, the final ones under "final"
+    OUT/log.jsonl             every training log record (loss, task loss, penalty, expected L0, …)
+    OUT/run_config.json       the full configuration of the run
+    OUT/phases/<phase>/       per-phase snapshot, metrics and (while running) Trainer checkpoints
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..errors import DiffpruneError
+from ..io import atomic_write_json
+from ..methods import get_method, make_config
+from ..models import load_model
+from ..storage import TaskDiff, load_diff, save_diff
+from ..tasks import TaskSpec, compute_metrics, get_task, load_task_data
+from .data import collator, tokenize
+from .trainer import JsonlLogger, PhaseTrainer
+
+log = logging.getLogger("diffprune")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; the CLI fills it from flags."""
+    output_dir: str
+    task: str = "rte"
+    model: str = "minilm"
+    method: str = "diff-pruning"
+    method_options: dict[str, Any] = field(default_factory=dict)  # fields of the method's config
+    data_dir: str | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    max_length: int = 128
+    seed: int = 42
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    warmup: float = 0.0          # share of each phase's steps spent warming the learning rate up
+    max_grad_norm: float = 1.0
+    logging_steps: int = 20
+    save_steps: int = 200
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for key in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
+            if getattr(self, key) <= 0:
+                raise DiffpruneError(f"{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise DiffpruneError(f"--{key.replace('_', '-')} must be positive, got {value}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise DiffpruneError(f"--warmup is a share of the steps in [0, 1), got {self.warmup}")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def training_args(cfg: TrainConfig, phase_dir: Path, epochs: float) -> TrainingArguments:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return TrainingArguments(
+        output_dir=str(phase_dir / "checkpoints"), num_train_epochs=epochs,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=1, eval_strategy="no", report_to="none",
+        seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, label_names=["labels"],
+        disable_tqdm=not cfg.progress, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=("gloo" if distributed and not torch.cuda.is_available() else None),
+        ddp_find_unused_parameters=False,
+    )
+
+
+def evaluate(model, evals: dict, spec: TaskSpec, cfg: TrainConfig, tokenizer, phase_dir: Path) -> dict:
+    """Dev metrics for every eval split: {split: {metric: value}}."""
+    def metric_fn(pred):
+        return compute_metrics(spec, pred.predictions, pred.label_ids)
+
+    args = training_args(cfg, phase_dir, 1.0)
+    trainer = PhaseTrainer(model=model, args=args, data_collator=collator(tokenizer), compute_metrics=metric_fn,
+                           phase=None)
+    out = {}
+    for split, dataset in evals.items():
+        result = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
+        out[split] = {k[len(split) + 1:]: v for k, v in result.items()
+                      if not k.endswith(("_runtime", "_per_second", "_steps_per_second"))}
+    return out
+
+
+def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
+    """Train `cfg.method` on the task and write everything under `cfg.output_dir`; returns metrics.json."""
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, cfg)
+    spec = spec or get_task(cfg.task)
+    method_cls = get_method(cfg.method)
+    method_cfg = make_config(method_cls, cfg.method_options)  # validates before anything slow happens
+    torch.manual_seed(cfg.seed)
+
+    data = load_task_data(spec, cfg.data_dir, cfg.max_train_samples, cfg.max_eval_samples, cfg.seed)
+    model, tokenizer, head = load_model(cfg.model, spec.num_labels, list(spec.label_names or []) or None)
+    train_ds = tokenize(data.train, tokenizer, cfg.max_length, spec.is_regression)
+    evals = {k: tokenize(v, tokenizer, cfg.max_length, spec.is_regression) for k, v in data.evals.items()}
+    method = method_cls(method_cfg, model, head)
+    base_fingerprint_model = model  # the frozen base: sparse methods never modify θ in place
+
+    metrics: dict[str, Any] = {"task": spec.name, "method": cfg.method, "model": cfg.model, "phases": {}}
+    main = is_main_process()
+    for phase in method.phases:
+        phase_dir = out / "phases" / phase
+        done = phase_dir / "metrics.json"
+        if cfg.resume and done.exists() and (phase_dir / "snapshot").exists():
+            method.restore(load_diff(phase_dir / "snapshot"))
+            metrics["phases"][phase] = json.loads(done.read_text())
+            log.info("phase %s: restored from its snapshot", phase)
+            continue
+        spec_phase = method.build_phase(phase)
+        trainer = PhaseTrainer(model=spec_phase.model, args=training_args(cfg, phase_dir, spec_phase.epochs),
+                               train_dataset=train_ds, data_collator=collator(tokenizer),
+                               callbacks=[JsonlLogger(out / "log.jsonl", phase)], phase=spec_phase,
+                               warmup_fraction=cfg.warmup)
+        checkpoint = None
+        if cfg.resume and (phase_dir / "checkpoints").is_dir():
+            checkpoint = get_last_checkpoint(str(phase_dir / "checkpoints"))
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        seconds = time.perf_counter() - start
+        method.end_phase(phase)
+        phase_metrics = evaluate(method.eval_model(), evals, spec, cfg, tokenizer, phase_dir)
+        phase_metrics["train"] = {"seconds": round(seconds, 2), "steps": result.global_step,
+                                  "seconds_per_step": round(seconds / max(1, result.global_step), 4),
+                                  "train_loss": result.training_loss, "peak_rss_mb": round(peak_rss_mb(), 1),
+                                  **getattr(method, "phase_stats", {})}
+        metrics["phases"][phase] = phase_metrics
+        if main:
+            save_diff(finish_diff(method.export(), cfg, spec), phase_dir / "snapshot", base_fingerprint_model)
+            atomic_write_json(done, phase_metrics)
+            shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
+
+    last = out / "phases" / method.phases[-1] / "snapshot"
+    if main:
+        tmp = out / ".diff.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(last, tmp)
+        shutil.rmtree(out / "diff", ignore_errors=True)
+        os.replace(tmp, out / "diff")
+        from ..storage import diff_stats
+
+        stats = diff_stats(load_diff(out / "diff"), out / "diff")
+        final = metrics["phases"][method.phases[-1]]
+        metrics["final"] = {split: vals for split, vals in final.items() if split != "train"}
+        metrics["main_metric"] = spec.main_metric
+        metrics["storage"] = {k: stats[k] for k in ("nnz", "num_diff_params", "sparsity", "stored_bytes",
+                                                    "bytes_per_nonzero", "dense_params") if k in stats}
+        atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def finish_diff(diff: TaskDiff, cfg: TrainConfig, spec: TaskSpec) -> TaskDiff:
+    diff.base_model, diff.task = cfg.model, spec.name
+    diff.label_names = list(spec.label_names) if spec.label_names else None
+    diff.extra.setdefault("num_labels", spec.num_labels)
+    diff.extra["max_length"] = cfg.max_length
+    return diff
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_output_dir(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to mix runs: an existing run directory needs --resume or --overwrite."""
+    if out.exists() and any(out.iterdir()):
+        if cfg.overwrite and is_main_process():
+            shutil.rmtree(out)
+        elif not cfg.resume:
+            raise DiffpruneError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
+                                 "start again, or choose another --output-dir")
+        elif (out / "run_config.json").exists():
+            previous = json.loads((out / "run_config.json").read_text())
+            for key in ("task", "model", "method", "method_options", "seed", "max_train_samples"):
+                if previous.get(key) != getattr(cfg, key):
+                    raise DiffpruneError(f"--resume: {out} was started with {key}={previous.get(key)!r}, "
+                                         f"not {getattr(cfg, key)!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        atomic_write_json(out / "run_config.json", dataclasses.asdict(cfg))

@@ -1,0 +1,113 @@
+"""A Hugging Face `Trainer` that trains one phase of a method (`PhaseSpec`).
+
+Riding on Trainer gives checkpoints, `--resume`, progress bars, gradient accumulation and multi-process
+training (torchrun / Accelerate) for free. What a phase adds is small and lives here:
+
+* the optimizer groups come from the method (Diff Pruning's α trains with AdamW at a constant learning
+  rate of its own, next to w and the head on a linear schedule), so `create_optimizer` and
+  `create_scheduler` build them per group;
+* the method's penalty (λ·E‖δ‖₀) is added to the task loss, and both are logged separately, with the
+  method's statistics (expected L0, open gates) at every logging step;
+* checkpoints keep only what trains (and the diff's buffers), not the frozen pretrained weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..methods.base import PhaseSpec
+
+
+def group_lambda(schedule: str, warmup: int, total: int):
+    """LR multiplier per step: linear warmup then linear decay to 0, or constant."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule != "linear":
+        raise ValueError(f"unknown schedule {schedule!r}")
+
+    def linear(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return linear
+
+
+class PhaseTrainer(Trainer):
+    def __init__(self, *args, phase: PhaseSpec, warmup_fraction: float = 0.0, **kwargs):
+        self.phase = phase
+        self.warmup_fraction = warmup_fraction
+        self._task_loss_sum = 0.0
+        self._penalty_sum = 0.0
+        self._loss_count = 0
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "eps": g.eps}
+                      for g in self.phase.groups if g.params]
+            # foreach keeps the step to a few fused passes over each group's flat tensors
+            self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), foreach=True)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer or self.optimizer
+            warmup = int(math.ceil(self.warmup_fraction * num_training_steps))
+            lambdas = [group_lambda(g.schedule, warmup, num_training_steps) for g in self.phase.groups if g.params]
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return self.lr_scheduler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if model.training:
+            self._task_loss_sum += float(loss.detach())
+            self._loss_count += 1
+            if self.phase.penalty is not None:
+                penalty = self.phase.penalty()
+                self._penalty_sum += float(penalty.detach())
+                loss = loss + penalty
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_count:
+            logs["task_loss"] = round(self._task_loss_sum / self._loss_count, 6)
+            if self.phase.penalty is not None:
+                logs["penalty"] = round(self._penalty_sum / self._loss_count, 6)
+            if self.phase.stats is not None:
+                logs.update({k: round(v, 6) for k, v in self.phase.stats().items()})
+            self._task_loss_sum = self._penalty_sum = 0.0
+            self._loss_count = 0
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Checkpoint only what changes during training (trainable tensors and buffers of the diff)."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+                 if k in trainable or k.startswith("source.")}
+        safetensors.torch.save_file(state, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every log record (with its phase) to a JSON-lines file, flushed at once."""
+
+    def __init__(self, path: Path, phase: str):
+        self.path, self.phase = Path(path), phase
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"phase": self.phase, "step": state.global_step, "epoch": state.epoch, **logs}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
