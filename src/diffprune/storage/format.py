@@ -1,0 +1,378 @@
+"""The on-disk task-diff format: data model, base-weight fingerprint, atomic save and strict load.
+
+A task diff directory holds two files:
+
+* ``diff_config.json`` -- format name and version, method, its hyperparameters, the base model name, the
+  base-weight fingerprint, task and label names, extras, the list of stored tensors with their shapes,
+  sizes, and the sha256 of the tensor file (so a flipped bit in the values is caught, not just a broken
+  header).
+* ``diff.safetensors`` -- for every sparse entry ``sparse.<name>.indices`` (int32, int64 only for tensors
+  with 2^31 elements or more) and ``sparse.<name>.values`` (float32); for every dense entry
+  ``dense.<name>``. int32 + float32 is what the paper counted: 8 bytes per stored nonzero.
+
+Loading never unpickles anything (json + safetensors only), and every way a directory can be broken turns
+into one `DiffpruneError` line instead of a traceback or, worse, a silently wrong model.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import safetensors.torch
+import torch
+
+from ..errors import DiffpruneError
+
+FORMAT_NAME = "diffprune-task-diff"
+FORMAT_VERSION = 1
+CONFIG_FILE = "diff_config.json"
+TENSOR_FILE = "diff.safetensors"
+_INT32_LIMIT = 2**31  # flat positions of tensors with fewer elements than this fit in int32
+
+
+# --------------------------------------------------------------------------------------------- data model
+
+@dataclass(eq=False)
+class SparseDelta:
+    """The nonzeros of one parameter tensor's additive diff.
+
+    `indices` are flat (row-major) positions into a tensor of `shape`, strictly increasing, so every
+    position appears once and the stored form is canonical; `values` are the float32 diffs there.
+    """
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel())
+
+    @classmethod
+    def from_dense(cls, delta: torch.Tensor) -> "SparseDelta":
+        """Keep exactly the nonzero entries of `delta` (NaNs count as nonzero, so they are not lost)."""
+        delta = delta.detach()
+        flat = delta.reshape(-1)
+        indices = torch.nonzero(flat != 0, as_tuple=False).reshape(-1).to(device="cpu", dtype=torch.int64)
+        values = flat[indices.to(flat.device)].to(device="cpu", dtype=torch.float32)
+        return cls(tuple(delta.shape), indices, values)
+
+    def to_dense(self) -> torch.Tensor:
+        """The full float32 diff tensor (zeros outside the stored positions)."""
+        out = torch.zeros(self.numel, dtype=torch.float32)
+        out[self.indices.long()] = self.values.float()
+        return out.view(self.shape)
+
+    def validate(self, name: str) -> None:
+        """Raise a DiffpruneError naming `name` if the entry is not a well-formed sparse diff."""
+        idx, val = self.indices, self.values
+        if idx.dim() != 1 or val.dim() != 1:
+            raise DiffpruneError(f"sparse diff '{name}': indices and values must be 1-D")
+        if idx.numel() != val.numel():
+            raise DiffpruneError(f"sparse diff '{name}': {idx.numel()} indices but {val.numel()} values")
+        if idx.dtype not in (torch.int32, torch.int64):
+            raise DiffpruneError(f"sparse diff '{name}': indices must be integers, got {idx.dtype}")
+        if not val.is_floating_point():
+            raise DiffpruneError(f"sparse diff '{name}': values must be floating point, got {val.dtype}")
+        if idx.numel() == 0:
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.numel:
+            raise DiffpruneError(f"sparse diff '{name}': index {lo if lo < 0 else hi} is out of range for "
+                                 f"shape {list(self.shape)} ({self.numel} elements)")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise DiffpruneError(f"sparse diff '{name}': indices are not strictly increasing "
+                                 "(unsorted or duplicated positions)")
+
+
+@dataclass(eq=False)
+class TaskDiff:
+    """Everything needed to turn a base model into the task model.
+
+    `sparse` holds additive diffs (θ_task = θ + δ at the stored positions); `dense` holds full replacement
+    values for tensors that are trained densely (the task head, BitFit biases, ...). Parameter names are
+    those of `model.named_parameters()`.
+    """
+
+    method: str
+    base_model: str
+    task: str
+    label_names: list[str] | None
+    config: dict
+    sparse: dict[str, SparseDelta]
+    dense: dict[str, torch.Tensor]
+    extra: dict = field(default_factory=dict)
+    fingerprint: str | None = None
+
+    @property
+    def nnz(self) -> int:
+        """Total number of stored nonzeros over all sparse entries."""
+        return sum(d.nnz for d in self.sparse.values())
+
+    def fingerprint_names(self) -> list[str]:
+        """The base tensors the fingerprint covers.
+
+        Rule: every `sparse` name (an additive diff is meaningless on other weights) plus the `dense` names
+        listed in ``config["fingerprint_dense"]``. Other dense entries are replacements that do not depend
+        on the base value (a freshly initialised head), so they are left out: hashing them would make a
+        diff unusable on a base whose head happened to be initialised with another seed.
+        """
+        extra = list(self.config.get("fingerprint_dense", []) or [])
+        unknown = [n for n in extra if n not in self.dense]
+        if unknown:
+            raise DiffpruneError(f"config['fingerprint_dense'] names tensors that are not dense entries: "
+                                 f"{', '.join(unknown)}")
+        return sorted(set(self.sparse) | set(extra))
+
+    def validate(self) -> None:
+        """Structural checks shared by save, load and apply (raises DiffpruneError)."""
+        both = sorted(set(self.sparse) & set(self.dense))
+        if both:
+            raise DiffpruneError(f"tensors are both sparse and dense in the diff: {', '.join(both)}")
+        for name, delta in self.sparse.items():
+            delta.validate(name)
+        if self.label_names is not None and not all(isinstance(n, str) for n in self.label_names):
+            raise DiffpruneError("label_names must be a list of strings (or None for regression)")
+
+
+# --------------------------------------------------------------------------------------------- fingerprint
+
+_CHUNK = 1 << 22  # elements hashed at a time, so a GPU model is not copied to the CPU whole
+
+
+def fingerprint(model: torch.nn.Module, names: Iterable[str]) -> str:
+    """sha256 hex identifying the base weights `names` of `model`.
+
+    For each name in sorted order it hashes the name, the dtype and shape of the hashed view and the raw
+    bytes of the contiguous CPU float32 view of the parameter. Hashing the float32 view (not the storage
+    dtype) means a base loaded in another float dtype fingerprints the same exactly when its values are the
+    same. Names are looked up with `model.get_parameter`, so tied aliases resolve to the shared tensor.
+    """
+    h = hashlib.sha256()
+    for name in sorted(set(names)):
+        param = _get_parameter(model, name)
+        if param is None:
+            raise DiffpruneError(f"cannot fingerprint '{name}': the model has no such parameter")
+        h.update(f"{name}\0float32\0{list(param.shape)}\0".encode())
+        flat = param.detach().reshape(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            chunk = flat[start:start + _CHUNK].to(device="cpu", dtype=torch.float32).contiguous()
+            h.update(chunk.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _get_parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------- atomic dirs
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it becomes `target`, on error it is removed.
+
+    POSIX cannot swap two directories atomically, so an existing target is first renamed aside, the new
+    directory renamed in, and only then the old one deleted; if the second rename fails the old one is put
+    back. Readers therefore see either the complete old or the complete new directory (or, for an instant,
+    none), never a half-written one. `replaceable(path)` guards against replacing a directory that is not
+    ours (e.g. a typo pointing at a home directory): non-empty directories it rejects are left alone.
+    """
+    target = Path(target)
+    if target.exists():
+        if not target.is_dir():
+            raise DiffpruneError(f"{target} exists and is not a directory")
+        if any(target.iterdir()) and not replaceable(target):
+            raise DiffpruneError(f"refusing to overwrite {target}: it is a non-empty directory that is not "
+                                 "an output of this kind; choose another path or remove it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{tag}"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- save
+
+def index_dtype(shape: tuple[int, ...]) -> torch.dtype:
+    """int32 when every flat position of `shape` fits (all real layers), int64 otherwise."""
+    return torch.int32 if math.prod(shape) <= _INT32_LIMIT else torch.int64
+
+
+def save_diff(diff: TaskDiff, directory: str | os.PathLike, base_model: torch.nn.Module | None) -> Path:
+    """Write `diff` to `directory` atomically and return the directory.
+
+    `base_model` must be the *unmodified* pretrained model: its weights are fingerprinted (see
+    `TaskDiff.fingerprint_names`) and the result stored in `diff.fingerprint`. Pass None to keep the
+    fingerprint the diff already has (re-saving a loaded diff). A diff whose fingerprint rule covers no
+    tensor gets fingerprint None: there is nothing to check, and a hash of nothing would only pretend to.
+    """
+    diff.validate()
+    if base_model is not None:
+        names = diff.fingerprint_names()
+        diff.fingerprint = fingerprint(base_model, names) if names else None
+
+    tensors: dict[str, torch.Tensor] = {}
+    sparse_meta, dense_meta = {}, {}
+    sparse_bytes = 0
+    for name, delta in sorted(diff.sparse.items()):
+        idx = delta.indices.detach().to("cpu", index_dtype(delta.shape)).contiguous().clone()
+        val = delta.values.detach().to("cpu", torch.float32).contiguous().clone()
+        tensors[f"sparse.{name}.indices"], tensors[f"sparse.{name}.values"] = idx, val
+        sparse_meta[name] = {"shape": list(delta.shape), "nnz": delta.nnz, "index_dtype": str(idx.dtype)[6:]}
+        sparse_bytes += idx.numel() * idx.element_size() + val.numel() * val.element_size()
+    dense_bytes = 0
+    for name, value in sorted(diff.dense.items()):
+        t = value.detach().to("cpu").contiguous().clone()
+        tensors[f"dense.{name}"] = t
+        dense_meta[name] = {"shape": list(t.shape), "dtype": str(t.dtype)[6:]}
+        dense_bytes += t.numel() * t.element_size()
+
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "method": diff.method,
+        "base_model": diff.base_model,
+        "fingerprint": diff.fingerprint,
+        "task": diff.task,
+        "label_names": diff.label_names,
+        "config": diff.config,
+        "extra": diff.extra,
+        "nnz": diff.nnz,
+        "tensors": {"sparse": sparse_meta, "dense": dense_meta},
+        "sizes": {"sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes,
+                  "dense_params": sum(t.numel() for t in diff.dense.values())},
+    }
+    try:  # fail before anything touches the disk
+        json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise DiffpruneError(f"the diff's config/extra is not JSON-serialisable: {exc}") from exc
+
+    with atomic_directory(directory, lambda p: (p / CONFIG_FILE).is_file()) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT_NAME})
+        meta["sizes"]["tensor_file_bytes"] = (tmp / TENSOR_FILE).stat().st_size
+        meta["tensor_file_sha256"] = _sha256_file(tmp / TENSOR_FILE)
+        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(directory)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- load
+
+def load_diff(directory: str | os.PathLike) -> TaskDiff:
+    """Read a task diff saved by `save_diff`; every defect becomes a one-line DiffpruneError."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise DiffpruneError(f"diff directory not found: {directory}")
+    if not directory.is_dir():
+        raise DiffpruneError(f"{directory} is a file; give the directory that holds {CONFIG_FILE}")
+    meta = _read_meta(directory)
+    tensor_path = directory / TENSOR_FILE
+    if not tensor_path.is_file():
+        raise DiffpruneError(f"{tensor_path} is missing: the diff directory is incomplete")
+    expected = meta.get("tensor_file_sha256")
+    if expected is not None and _sha256_file(tensor_path) != expected:
+        raise DiffpruneError(f"{tensor_path} is corrupt or truncated (its checksum does not match "
+                             f"{CONFIG_FILE}); copy or create the diff again")
+    try:
+        tensors = safetensors.torch.load_file(str(tensor_path))
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DiffpruneError(f"{tensor_path} is corrupt or truncated ({msg})") from exc
+
+    try:
+        sparse_meta = dict(meta["tensors"]["sparse"])
+        dense_meta = dict(meta["tensors"]["dense"])
+        sparse: dict[str, SparseDelta] = {}
+        for name, info in sparse_meta.items():
+            idx = _take(tensors, f"sparse.{name}.indices", tensor_path)
+            val = _take(tensors, f"sparse.{name}.values", tensor_path)
+            if idx.dtype not in (torch.int32, torch.int64) or not val.is_floating_point():
+                raise DiffpruneError(f"{tensor_path}: sparse tensor '{name}' has dtypes {idx.dtype}/{val.dtype}")
+            sparse[name] = SparseDelta(tuple(info["shape"]), idx.long(), val.float())
+        dense: dict[str, torch.Tensor] = {}
+        for name, info in dense_meta.items():
+            dense[name] = _take(tensors, f"dense.{name}", tensor_path)
+            if list(dense[name].shape) != list(info["shape"]):
+                raise DiffpruneError(f"{tensor_path}: dense tensor '{name}' has shape "
+                                     f"{list(dense[name].shape)}, {CONFIG_FILE} says {info['shape']}")
+        if tensors:
+            raise DiffpruneError(f"{tensor_path} holds tensors {CONFIG_FILE} does not list: "
+                                 f"{', '.join(sorted(tensors)[:5])}")
+        diff = TaskDiff(method=str(meta["method"]), base_model=str(meta["base_model"]), task=str(meta["task"]),
+                        label_names=meta["label_names"], config=dict(meta["config"]), sparse=sparse,
+                        dense=dense, extra=dict(meta.get("extra") or {}), fingerprint=meta.get("fingerprint"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DiffpruneError(f"{directory / CONFIG_FILE} is malformed (bad or missing field {exc})") from exc
+    try:
+        diff.validate()
+    except DiffpruneError as exc:
+        raise DiffpruneError(f"{directory} is inconsistent: {exc}") from exc
+    return diff
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise DiffpruneError(f"{path} is missing: {directory} is not a diffprune task diff")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DiffpruneError(f"{path} is not valid JSON ({exc}); the diff is corrupt") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise DiffpruneError(f"{path} is not a diffprune task diff (format is not '{FORMAT_NAME}')")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DiffpruneError(f"{directory} uses diff format version {version!r}; this diffprune reads version "
+                             f"{FORMAT_VERSION} (upgrade diffprune to read newer diffs)")
+    return meta
+
+
+def _take(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+    try:
+        return tensors.pop(key)
+    except KeyError:
+        raise DiffpruneError(f"{path} lacks tensor '{key}' listed in {CONFIG_FILE}") from None
