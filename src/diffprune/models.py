@@ -53,7 +53,7 @@ def load_model(name: str, num_labels: int, label_names: list[str] | None = None,
     if label_names is not None:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}
-    else:
+    elif num_labels == 1:
         kwargs["problem_type"] = "regression"
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)

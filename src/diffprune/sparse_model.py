@@ -49,6 +49,9 @@ def layout_for(model: nn.Module, names: Sequence[str]) -> FlatLayout:
 class DeltaModel(nn.Module):
     """Runs `base` with θ + δ for the parameters in `source.layout`; the head trains densely."""
 
+    # Trainer checks this after loading a checkpoint, which (by design) omits the frozen base weights.
+    _keys_to_ignore_on_save = None
+
     def __init__(self, base: nn.Module, source: L0Diff | FixedMaskDiff, head_names: Iterable[str]):
         super().__init__()
         self.base = base

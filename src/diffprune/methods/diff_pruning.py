@@ -75,7 +75,7 @@ class DiffPruning(FixedMaskMixin, Method):
             d = float(self.layout.total)
             return PhaseSpec("l0", self.delta_model, groups, c.l0_epochs,
                              penalty=lambda: c.l0_lambda * source.expected_l0(),
-                             stats=lambda: {"expected_l0_frac": float(source.expected_l0()) / d,
+                             stats=lambda: {"expected_l0_frac": float(source.expected_l0().detach()) / d,
                                             "gate_open_frac": source.open_fraction()})
         if phase == "fixed_mask":
             return self.fixed_mask_phase(c.fixed_lr or c.lr, c.epochs)
@@ -88,6 +88,6 @@ class DiffPruning(FixedMaskMixin, Method):
         generator = torch.Generator().manual_seed(self.config.seed)
         delta = source.final_delta(generator)  # u sampled once: many entries exactly 0
         self.phase_stats = {"l0_nonzero_frac": float((delta != 0).float().mean()),
-                            "l0_expected_frac": float(source.expected_l0()) / self.layout.total}
+                            "l0_expected_frac": float(source.expected_l0().detach()) / self.layout.total}
         idx, values = project_l0(delta, self.config.sparsity, tiebreak=source.keep_probability())
         self.set_fixed_mask(FixedMaskDiff(self.layout, idx, values))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import PrinterCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import DiffpruneError
@@ -106,18 +106,19 @@ def evaluate(model, evals: dict, spec: TaskSpec, cfg: TrainConfig, tokenizer, ph
     args = training_args(cfg, phase_dir, 1.0)
     trainer = PhaseTrainer(model=model, args=args, data_collator=collator(tokenizer), compute_metrics=metric_fn,
                            phase=None)
+    trainer.remove_callback(PrinterCallback)  # results are returned (and printed by the caller), not logged
     out = {}
     for split, dataset in evals.items():
         result = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
         out[split] = {k[len(split) + 1:]: v for k, v in result.items()
-                      if not k.endswith(("_runtime", "_per_second", "_steps_per_second"))}
+                      if not k.endswith(("_runtime", "_per_second", "_preparation_time"))}
     return out
 
 
 def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
     """Train `cfg.method` on the task and write everything under `cfg.output_dir`; returns metrics.json."""
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, cfg)
+    check_output_dir(out, cfg)
     spec = spec or get_task(cfg.task)
     method_cls = get_method(cfg.method)
     method_cfg = make_config(method_cls, cfg.method_options)  # validates before anything slow happens
@@ -125,6 +126,7 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
 
     data = load_task_data(spec, cfg.data_dir, cfg.max_train_samples, cfg.max_eval_samples, cfg.seed)
     model, tokenizer, head = load_model(cfg.model, spec.num_labels, list(spec.label_names or []) or None)
+    prepare_output_dir(out, cfg)  # only now, so a mistake above leaves nothing behind
     train_ds = tokenize(data.train, tokenizer, cfg.max_length, spec.is_regression)
     evals = {k: tokenize(v, tokenizer, cfg.max_length, spec.is_regression) for k, v in data.evals.items()}
     method = method_cls(method_cfg, model, head)
@@ -177,7 +179,7 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
         metrics["final"] = {split: vals for split, vals in final.items() if split != "train"}
         metrics["main_metric"] = spec.main_metric
         metrics["storage"] = {k: stats[k] for k in ("nnz", "num_diff_params", "sparsity", "stored_bytes",
-                                                    "bytes_per_nonzero", "dense_params") if k in stats}
+                                                    "sparse_bytes_per_nnz", "dense_params") if k in stats}
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -194,12 +196,12 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_output_dir(out: Path, cfg: TrainConfig) -> None:
+def check_output_dir(out: Path, cfg: TrainConfig) -> None:
     """Refuse to mix runs: an existing run directory needs --resume or --overwrite."""
     if out.exists() and any(out.iterdir()):
-        if cfg.overwrite and is_main_process():
-            shutil.rmtree(out)
-        elif not cfg.resume:
+        if cfg.overwrite:
+            return
+        if not cfg.resume:
             raise DiffpruneError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                                  "start again, or choose another --output-dir")
         elif (out / "run_config.json").exists():
@@ -208,6 +210,11 @@ def prepare_output_dir(out: Path, cfg: TrainConfig) -> None:
                 if previous.get(key) != getattr(cfg, key):
                     raise DiffpruneError(f"--resume: {out} was started with {key}={previous.get(key)!r}, "
                                          f"not {getattr(cfg, key)!r}")
+
+
+def prepare_output_dir(out: Path, cfg: TrainConfig) -> None:
+    if cfg.overwrite and out.exists() and is_main_process():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         atomic_write_json(out / "run_config.json", dataclasses.asdict(cfg))

@@ -1,0 +1,53 @@
+"""The Python entry points: train a task diff, load a base model with a task diff applied.
+
+    import diffprune
+    metrics = diffprune.train(task="rte", data_dir="glue", method="diff-pruning",
+                              output_dir="runs/rte", structured=True, sparsity=0.005)
+    model, tokenizer, diff = diffprune.load_task_model("runs/rte")   # base + sparse diff, ready to predict
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import DiffpruneError
+from .models import load_model
+from .storage import TaskDiff, apply_diff, load_diff
+
+
+def train(output_dir: str, task: str = "rte", model: str = "minilm", method: str = "diff-pruning",
+          spec=None, **options: Any) -> dict:
+    """Run the training pipeline. Keyword options go to `TrainConfig` or, if not one of its fields,
+    to the method's config (e.g. `sparsity`, `structured`, `l0_lambda`)."""
+    import dataclasses
+
+    from .train.pipeline import TrainConfig, run
+
+    recipe_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    recipe = {k: v for k, v in options.items() if k in recipe_fields}
+    method_options = {k: v for k, v in options.items() if k not in recipe_fields}
+    cfg = TrainConfig(output_dir=output_dir, task=task, model=model, method=method,
+                      method_options={**recipe.pop("method_options", {}), **method_options}, **recipe)
+    return run(cfg, spec)
+
+
+def find_diff_dir(path: str | Path) -> Path:
+    """Accept a run directory (holding `diff/`) or a diff directory itself."""
+    path = Path(path)
+    if (path / "diff" / "diff_config.json").exists():
+        return path / "diff"
+    if (path / "diff_config.json").exists():
+        return path
+    if not path.exists():
+        raise DiffpruneError(f"no such run or diff directory: {path}")
+    raise DiffpruneError(f"{path} holds no task diff (expected {path}/diff/diff_config.json or "
+                         f"{path}/diff_config.json); is the run finished?")
+
+
+def load_task_model(path: str | Path, base_model: str | None = None, check_fingerprint: bool = True):
+    """(model, tokenizer, diff): the base model named in the diff (or `base_model`) with the diff applied."""
+    diff: TaskDiff = load_diff(find_diff_dir(path))
+    num_labels = len(diff.label_names) if diff.label_names else 1
+    model, tokenizer, _ = load_model(base_model or diff.base_model, num_labels, diff.label_names)
+    apply_diff(model, diff, check_fingerprint=check_fingerprint)
+    return model.eval(), tokenizer, diff

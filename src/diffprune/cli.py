@@ -1,0 +1,212 @@
+"""The `diffprune` command line: train, eval, inspect, merge.
+
+    diffprune train --model minilm --task rte --data-dir ../shared/data/glue --method diff-pruning \
+        --structured --sparsity 0.005 --output-dir runs/rte
+    diffprune eval runs/rte --task rte --data-dir ../shared/data/glue
+    diffprune inspect runs/rte [--json]
+    diffprune merge runs/rte --output merged/
+A user mistake prints one line `diffprune: error: …` and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import DiffpruneError
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def add_task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--task", help="GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli) or a name for "
+                                  "--train-file data", required=False)
+    p.add_argument("--data-dir", help="GLUE-layout data folder (default: the hub through `datasets`)")
+    p.add_argument("--train-file", help="your own CSV/TSV/JSONL training file (header required)")
+    p.add_argument("--dev-file", help="your own dev file, same columns")
+    p.add_argument("--text-columns", help="comma-separated text column(s) of --train-file, e.g. premise,hypothesis")
+    p.add_argument("--label-column", default="label", help="label column of --train-file (default: label)")
+    p.add_argument("--regression", action="store_true", help="--train-file labels are real numbers")
+    p.add_argument("--max-eval-samples", type=int)
+
+
+def task_spec(args):
+    from .tasks import custom_task, get_task
+
+    if args.train_file or args.dev_file:
+        if not (args.train_file and args.dev_file and args.text_columns):
+            raise DiffpruneError("your own data needs --train-file, --dev-file and --text-columns together")
+        return custom_task(args.train_file, args.dev_file, args.text_columns.split(","), args.label_column,
+                           regression=args.regression, name=args.task or "custom")
+    if not args.task:
+        raise DiffpruneError("--task is required (a GLUE task name, or --train-file/--dev-file for your own data)")
+    return get_task(args.task)
+
+
+def cmd_train(args) -> int:
+    from .api import train
+
+    spec = task_spec(args)
+    options = {k: v for k, v in dict(
+        sparsity=args.sparsity, structured=True if args.structured else None, epochs=args.epochs,
+        l0_epochs=args.l0_epochs, lr=args.lr, alpha_lr=args.alpha_lr, l0_lambda=args.l0_lambda,
+        include=args.include, exclude=args.exclude).items() if v is not None}
+    for item in args.set or []:
+        if "=" not in item:
+            raise DiffpruneError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.replace("-", "_")] = _parse_value(value)
+    metrics = train(output_dir=args.output_dir, task=spec.name, model=args.model, method=args.method, spec=spec,
+                    method_options=options, data_dir=args.data_dir, batch_size=args.batch_size,
+                    max_length=args.max_length, seed=args.seed, max_train_samples=args.max_train_samples,
+                    max_eval_samples=args.max_eval_samples, resume=args.resume, overwrite=args.overwrite,
+                    warmup=args.warmup, save_steps=args.save_steps, logging_steps=args.logging_steps,
+                    progress=not args.no_progress)
+    if metrics.get("final") is not None:
+        print_summary(args.output_dir, metrics)
+    return 0
+
+
+def print_summary(output_dir: str, metrics: dict) -> None:
+    main = metrics["main_metric"]
+    for split, values in metrics["final"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float) and k != "loss")
+        print(f"{split}: {shown}  (main: {main})")
+    st = metrics.get("storage", {})
+    if st:
+        print(f"diff: {st['nnz']:,} nonzeros of {st['num_diff_params']:,} diff-pruned parameters "
+              f"(sparsity {100 * st['sparsity']:.3f}%), {st['stored_bytes']:,} bytes stored "
+              f"({st.get('sparse_bytes_per_nnz', 0):.2f} bytes per nonzero)")
+    print(f"task diff: {Path(output_dir) / 'diff'}   metrics: {Path(output_dir) / 'metrics.json'}")
+
+
+def cmd_eval(args) -> int:
+    from .api import load_task_model
+    from .tasks import load_task_data
+    from .train.data import tokenize
+    from .train.pipeline import TrainConfig, evaluate
+
+    spec = task_spec(args)
+    model, tokenizer, diff = load_task_model(args.run, base_model=args.base_model)
+    data = load_task_data(spec, args.data_dir, max_train_samples=1, max_eval_samples=args.max_eval_samples,
+                          seed=args.seed)
+    max_length = diff.extra.get("max_length", 128)
+    evals = {k: tokenize(v, tokenizer, max_length, spec.is_regression) for k, v in data.evals.items()}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(output_dir=tmp, progress=False)
+        results = evaluate(model, evals, spec, cfg, tokenizer, Path(tmp))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .api import find_diff_dir
+    from .storage import diff_stats, load_diff
+
+    path = find_diff_dir(args.run)
+    diff = load_diff(path)
+    stats = diff_stats(diff, path)
+    if args.json:
+        print(json.dumps({"method": diff.method, "task": diff.task, "base_model": diff.base_model, **stats},
+                         indent=2, default=str))
+        return 0
+    print(f"method {diff.method}  task {diff.task}  base {diff.base_model}")
+    print(f"nonzeros {stats['nnz']:,} / {stats['num_diff_params']:,} diff-pruned parameters "
+          f"(sparsity {100 * stats['sparsity']:.4f}%)")
+    print(f"dense (head) parameters {stats['dense_params']:,}")
+    print(f"stored bytes {stats['stored_bytes']:,}  ({stats.get('sparse_bytes_per_nnz', 0):.2f} per nonzero "
+          "in the sparse part)")
+    print("nonzeros per layer:")
+    for group, count in stats["nnz_by_layer"].items():
+        print(f"  {group:<14} {count:>10,}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .api import find_diff_dir
+    from .models import load_model
+    from .storage import load_diff, merge_diff
+
+    diff = load_diff(find_diff_dir(args.run))
+    num_labels = len(diff.label_names) if diff.label_names else 1
+    model, tokenizer, _ = load_model(args.base_model or diff.base_model, num_labels, diff.label_names)
+    out = merge_diff(model, diff, args.output, tokenizer)
+    print(f"merged model written to {out} (loads with AutoModelForSequenceClassification.from_pretrained)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffprune", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a task diff (or any other method) and store it")
+    t.add_argument("--model", default="minilm", help="hub id, local model directory, or 'minilm' (embedded)")
+    add_task_args(t)
+    t.add_argument("--method", default="diff-pruning")
+    t.add_argument("--output-dir", required=True)
+    t.add_argument("--structured", action="store_true", help="structured Diff Pruning (one group gate per tensor)")
+    t.add_argument("--sparsity", type=float, help="share of diff-pruned entries kept (default 0.005 = 0.5%%)")
+    t.add_argument("--epochs", type=float, help="epochs of the (last) training phase")
+    t.add_argument("--l0-epochs", type=float, help="epochs of Diff Pruning's L0 phase")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--alpha-lr", type=float)
+    t.add_argument("--l0-lambda", type=float)
+    t.add_argument("--include", action="append", help="diff-prune only parameters matching this pattern")
+    t.add_argument("--exclude", action="append", help="leave parameters matching this pattern frozen")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other method option")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--max-length", type=int, default=128)
+    t.add_argument("--max-train-samples", type=int)
+    t.add_argument("--warmup", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--save-steps", type=int, default=200)
+    t.add_argument("--logging-steps", type=int, default=20)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a stored task diff on a task's dev split(s)")
+    e.add_argument("run", help="run directory (or diff directory)")
+    add_task_args(e)
+    e.add_argument("--base-model", help="base model to apply the diff to (default: the one recorded)")
+    e.add_argument("--seed", type=int, default=42, help="seed of the --max-eval-samples subset (as in train)")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="nonzeros, sparsity, stored bytes, nonzeros per layer")
+    i.add_argument("run")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    m = sub.add_parser("merge", help="write a standalone model with the diff merged in")
+    m.add_argument("run")
+    m.add_argument("--output", required=True)
+    m.add_argument("--base-model")
+    m.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except DiffpruneError as exc:
+        print(f"diffprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffprune: interrupted (use --resume to continue a training run)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

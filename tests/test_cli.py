@@ -1,0 +1,136 @@
+"""The `diffprune` command line end to end on a tiny BERT with a real tokenizer (seconds, no network)."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from conftest import make_tiny
+from diffprune.cli import main
+from diffprune.tasks import write_demo_data
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_demo_data(tmp_path_factory.mktemp("demo"))
+
+
+def train_args(model_dir, data_dir, out, *extra):
+    return ["train", "--model", str(model_dir), "--task", "toy", "--train-file", str(data_dir / "train.tsv"),
+            "--dev-file", str(data_dir / "dev.tsv"), "--text-columns", "sentence", "--output-dir", str(out),
+            "--max-train-samples", "48", "--max-eval-samples", "40", "--batch-size", "16", "--max-length", "16",
+            "--epochs", "1", "--l0-epochs", "1", "--no-progress", "--logging-steps", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, data_dir):
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(train_args(tiny_model_dir, data_dir, out, "--structured", "--sparsity", "0.01")) == 0
+    return out
+
+
+def test_train_writes_diff_metrics_and_log(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert set(metrics["phases"]) == {"l0", "fixed_mask"}
+    assert "accuracy" in metrics["final"]["dev"]
+    st = metrics["storage"]
+    assert st["nnz"] == round(0.01 * st["num_diff_params"])
+    assert st["sparse_bytes_per_nnz"] == 8.0
+    records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    l0 = [r for r in records if r["phase"] == "l0" and "expected_l0_frac" in r]
+    assert l0 and all(0 < r["expected_l0_frac"] <= 1 for r in l0) and "task_loss" in l0[0]
+    assert (trained / "diff" / "diff.safetensors").exists() and not (trained / "phases" / "l0" / "checkpoints").exists()
+
+
+def test_inspect_json(trained, capsys):
+    assert main(["inspect", str(trained), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert info["nnz"] == metrics["storage"]["nnz"] and info["method"] == "diff-pruning"
+    assert sum(info["nnz_by_layer"].values()) == info["nnz"]
+    assert main(["inspect", str(trained)]) == 0
+    assert "nonzeros per layer" in capsys.readouterr().out
+
+
+def test_eval_reproduces_final_metrics(trained, data_dir, capsys):
+    assert main(["eval", str(trained), "--task", "toy", "--train-file", str(data_dir / "train.tsv"),
+                 "--dev-file", str(data_dir / "dev.tsv"), "--text-columns", "sentence",
+                 "--max-eval-samples", "40"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = json.loads((trained / "metrics.json").read_text())["final"]
+    assert got["dev"]["accuracy"] == pytest.approx(want["dev"]["accuracy"])
+    assert got["dev"]["loss"] == pytest.approx(want["dev"]["loss"], rel=1e-4)
+
+
+def test_merge_loads_with_plain_transformers(trained, tmp_path, capsys):
+    from diffprune.api import load_task_model
+
+    assert main(["merge", str(trained), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    applied, tokenizer, _ = load_task_model(trained)
+    batch = tokenizer(["the film was great", "not bad at all"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, applied(**batch).logits, atol=1e-5)
+    assert merged.config.id2label == {0: "0", 1: "1"}
+
+
+def test_resume_after_crash_mid_phase(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    from diffprune.train import pipeline
+
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    original = pipeline.PhaseTrainer.training_step
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # in the fixed-mask phase (3 steps per phase), after a checkpoint at step 2
+            raise RuntimeError("simulated crash")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(train_args(tiny_model_dir, data_dir, out, "--save-steps", "2"))
+    assert (out / "phases" / "l0" / "snapshot").exists() and not (out / "diff").exists()
+    assert (out / "phases" / "fixed_mask" / "checkpoints" / "checkpoint-2").exists()
+    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", original)
+    # without --resume the directory is refused, with it the run completes
+    assert main(train_args(tiny_model_dir, data_dir, out, "--save-steps", "2")) == 2
+    calls["n"] = 0
+    assert main(train_args(tiny_model_dir, data_dir, out, "--save-steps", "2", "--resume")) == 0
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    fixed = [r["step"] for r in steps if r["phase"] == "fixed_mask" and "loss" in r]
+    assert fixed[-1] == 3 and (out / "diff" / "diff_config.json").exists()
+
+
+def run_error(argv, capsys):
+    capsys.readouterr()  # drop what earlier steps printed
+    code = main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffprune:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("diffprune: error:"), lines
+    err = lines[0]
+    return err
+
+
+def test_user_errors_are_one_line(tmp_path, tiny_model_dir, data_dir, capsys, trained):
+    assert "did you mean 'rte'" in run_error(["train", "--task", "rtee", "--data-dir", str(tmp_path),
+                                              "--output-dir", str(tmp_path / "o")], capsys)
+    assert "method" in run_error(train_args(tiny_model_dir, data_dir, tmp_path / "o1", "--method", "bitfitt"), capsys)
+    assert "sparsity" in run_error(train_args(tiny_model_dir, data_dir, tmp_path / "o2", "--sparsity", "0"), capsys)
+    assert "sparsity" in run_error(train_args(tiny_model_dir, data_dir, tmp_path / "o3", "--sparsity", "1.5"), capsys)
+    assert "not found" in run_error(["train", "--task", "rte", "--data-dir", str(tmp_path / "nope"),
+                                     "--output-dir", str(tmp_path / "o4")], capsys)
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
+    # a corrupt diff file
+    bad = tmp_path / "bad"
+    shutil.copytree(trained / "diff", bad)
+    data = (bad / "diff.safetensors").read_bytes()
+    (bad / "diff.safetensors").write_bytes(data[: len(data) // 2])
+    run_error(["inspect", str(bad)], capsys)
+    # a diff applied to another base model
+    other = tmp_path / "other-base"
+    make_tiny("bert", vocab_size=30522, seed=5).save_pretrained(other)
+    shutil.copytree(tiny_model_dir, other, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    assert "fingerprint" in run_error(["merge", str(trained), "--output", str(tmp_path / "m"),
+                                       "--base-model", str(other)], capsys)
+    assert not (tmp_path / "m").exists()

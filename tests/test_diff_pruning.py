@@ -1,0 +1,129 @@
+"""Diff Pruning over real (tiny) transformers: θ + δ semantics, phases, export → apply parity."""
+import pytest
+import torch
+
+from conftest import make_tiny, random_batch
+from diffprune.core.diff_vector import FixedMaskDiff, L0Diff
+from diffprune.methods import get_method, make_config
+from diffprune.models import head_names_by_convention
+from diffprune.sparse_model import DeltaModel, layout_for, select_parameters
+from diffprune.storage import apply_diff, load_diff, save_diff
+
+
+def test_l0_model_with_zero_w_equals_base(arch):
+    model = make_tiny(arch)
+    head = head_names_by_convention(model)
+    batch = random_batch(model)
+    expected = model(**batch).logits
+    source = L0Diff(layout_for(model, select_parameters(model, head)))
+    dm = DeltaModel(model, source, head).eval()
+    assert torch.allclose(dm(**batch).logits, expected, atol=1e-6)
+
+
+def test_fixed_mask_model_equals_base_plus_dense_delta(arch):
+    model = make_tiny(arch)
+    head = head_names_by_convention(model)
+    names = select_parameters(model, head)
+    layout = layout_for(model, names)
+    torch.manual_seed(3)
+    idx = torch.randperm(layout.total)[:40].sort().values
+    vals = torch.randn(40) * 0.1
+    dm = DeltaModel(model, FixedMaskDiff(layout, idx, vals), head).eval()
+    batch = random_batch(model)
+    got = dm(**batch).logits
+    # independent computation: add the dense δ into a copy of the weights
+    ref = make_tiny(arch)
+    dense = torch.zeros(layout.total).index_put((idx,), vals)
+    with torch.no_grad():
+        for name, part in zip(layout.names, layout.split(dense)):
+            ref.get_parameter(name).add_(part)
+    assert torch.allclose(got, ref(**batch).logits, atol=1e-5)
+
+
+def test_head_is_dense_and_frozen_base_gets_no_grad():
+    model = make_tiny("bert")
+    head = head_names_by_convention(model)
+    assert head == ["classifier.weight", "classifier.bias"]
+    source = L0Diff(layout_for(model, select_parameters(model, head)))
+    dm = DeltaModel(model, source, head).train()
+    out = dm(**random_batch(model), labels=torch.tensor([0, 1, 0]))
+    out.loss.backward()
+    assert source.w.grad is not None and source.log_alpha.grad is not None
+    assert model.classifier.weight.grad is not None
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in head)
+
+
+def test_tied_weights_are_diff_pruned_once():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32, tie_word_embeddings=True))
+    decoder = model.cls.predictions.decoder.weight
+    assert decoder is model.bert.embeddings.word_embeddings.weight
+    names = select_parameters(model, [])
+    assert sum("word_embeddings" in n or "decoder.weight" in n for n in names) == 1
+    layout = layout_for(model, names)
+    assert layout.total == sum(p.numel() for p in model.parameters())  # parameters() deduplicates
+    # a δ on the shared tensor reaches both the embedding and the output projection
+    name = next(n for n in names if n.endswith("word_embeddings.weight") or n.endswith("decoder.weight"))
+    i = names.index(name)
+    idx = torch.tensor([layout.offsets[i] + 5 * 16 + 3])
+    dm = DeltaModel(model, FixedMaskDiff(layout, idx, torch.tensor([1.0])), []).eval()
+    eff = dm.effective_parameters()
+    assert list(eff) == [name] and eff[name].view(-1)[5 * 16 + 3] == decoder.view(-1)[5 * 16 + 3] + 1
+
+
+def test_include_exclude_patterns():
+    model = make_tiny("bert")
+    head = head_names_by_convention(model)
+    only_bias = select_parameters(model, head, include=["*.bias"])
+    assert only_bias and all(n.endswith(".bias") for n in only_bias)
+    no_ln = select_parameters(model, head, exclude=["*LayerNorm*"])
+    assert not any("LayerNorm" in n for n in no_ln)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_phases_project_to_exact_sparsity_and_export_roundtrip(tmp_path, structured):
+    model = make_tiny("bert")
+    head = head_names_by_convention(model)
+    cls = get_method("diff-pruning")
+    cfg = make_config(cls, dict(sparsity=0.01, structured=structured, alpha_init=0.5))
+    method = cls(cfg, model, head)
+    spec = method.build_phase("l0")
+    assert [g.name for g in spec.groups] == ["diff", "alpha", "head"]
+    assert spec.groups[1].schedule == "constant" and spec.groups[1].lr == cfg.alpha_lr
+    with torch.no_grad():
+        spec.model.source.w.normal_()
+    method.end_phase("l0")
+    d = method.layout.total
+    k = round(0.01 * d)
+    assert method.delta_model.source.indices.numel() == k
+    fm = method.build_phase("fixed_mask")
+    with torch.no_grad():
+        fm.model.source.values.add_(0.05)
+    batch = random_batch(model)
+    logits = method.eval_model().eval()(**batch).logits
+
+    diff = method.export()
+    diff.base_model, diff.task, diff.label_names = "tiny", "toy", ["a", "b"]
+    assert diff.nnz == k
+    save_diff(diff, tmp_path / "d", model)
+    fresh = make_tiny("bert")  # same seed: same θ, but a different random head
+    apply_diff(fresh, load_diff(tmp_path / "d"))
+    assert torch.allclose(fresh(**batch).logits, logits, atol=1e-5)
+
+
+def test_sparsity_out_of_range_is_a_clear_error():
+    from diffprune.errors import DiffpruneError
+
+    cls = get_method("diff-pruning")
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(DiffpruneError, match=r"sparsity.*\(0, 1\]"):
+            make_config(cls, dict(sparsity=bad))
+
+
+def test_unknown_method_suggests():
+    from diffprune.errors import DiffpruneError
+
+    with pytest.raises(DiffpruneError, match="did you mean 'diff-pruning'"):
+        get_method("diff-prunning")
