@@ -43,8 +43,13 @@ class FlatLayout:
         return len(self.names)
 
     def split(self, flat: Tensor) -> list[Tensor]:
-        """Views of `flat` shaped like each tensor (no copy)."""
-        return [flat[a:b].view(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)]
+        """Views of `flat` shaped like each tensor (no copy).
+
+        `torch.split` matters here: its backward concatenates the pieces' gradients once, whereas one
+        slice per tensor would make autograd build a zero tensor of the full length d for every piece
+        (seen: 2.9 s of 6.9 s per MiniLM step spent filling zeros).
+        """
+        return [part.view(shape) for part, shape in zip(torch.split(flat, self.numels), self.shapes)]
 
     def segments(self, flat_indices: Tensor) -> list[tuple[int, int]]:
         """For sorted flat indices, the [start, stop) range of them that falls into each tensor."""

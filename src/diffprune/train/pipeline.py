@@ -110,7 +110,7 @@ def evaluate(model, evals: dict, spec: TaskSpec, cfg: TrainConfig, tokenizer, ph
     out = {}
     for split, dataset in evals.items():
         result = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
-        out[split] = {k[len(split) + 1:]: v for k, v in result.items()
+        out[split] = {k[len(split) + 1:]: v for k, v in result.items() if k.startswith(split + "_")
                       if not k.endswith(("_runtime", "_per_second", "_preparation_time"))}
     return out
 
