@@ -197,8 +197,11 @@ def is_main_process() -> bool:
 
 
 def check_output_dir(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to mix runs: an existing run directory needs --resume or --overwrite."""
-    if out.exists() and any(out.iterdir()):
+    """Refuse to mix runs: an existing run directory needs --resume or --overwrite.
+
+    Only the main process checks: under torchrun the others start while it is already writing there.
+    """
+    if is_main_process() and out.exists() and any(out.iterdir()):
         if cfg.overwrite:
             return
         if not cfg.resume:
@@ -213,7 +216,9 @@ def check_output_dir(out: Path, cfg: TrainConfig) -> None:
 
 
 def prepare_output_dir(out: Path, cfg: TrainConfig) -> None:
-    if cfg.overwrite and out.exists() and is_main_process():
+    if not is_main_process():
+        return
+    if cfg.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
