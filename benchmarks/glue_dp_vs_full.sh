@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Structured Diff Pruning at 0.5% vs full finetuning, MiniLM, real GLUE dev sets, same budget.
 #   bash benchmarks/glue_dp_vs_full.sh [GLUE_DIR] [OUT_DIR]
-# Budget: 4 epochs per method (Diff Pruning: 2 L0 + 2 fixed-mask; full: 4), batch 32, max length 128.
+# Budget: 4 epochs per method (Diff Pruning: 2 L0 + 2 fixed-mask; full: 4), batch 32, max length 128,
+# training sets capped at MAX_TRAIN (default 1500, a seeded random subset; 2 CPU cores) and full dev sets.
 # Each run is resumable (--resume) and its metrics land in OUT/<task>-<method>/metrics.json as it finishes;
 # benchmarks/table.py turns them into the Markdown table.
 set -u
 GLUE=${1:-../shared/data/glue}
 OUT=${2:-benchmarks/out/glue}
 PY=${PY:-.venv/bin/python}
+MAX_TRAIN=${MAX_TRAIN:-1500}
 mkdir -p "$OUT"
 for task in mrpc rte; do
   run() {  # name, then method flags
@@ -15,7 +17,7 @@ for task in mrpc rte; do
     [ -f "$OUT/$task-$name/metrics.json" ] && { echo "skip $task-$name (done)"; return; }
     resume=""; [ -d "$OUT/$task-$name" ] && resume="--resume"
     $PY -m diffprune train --model minilm --task $task --data-dir "$GLUE" --output-dir "$OUT/$task-$name" \
-      --batch-size 32 --max-length 128 --seed 42 --no-progress --logging-steps 20 $resume "$@" \
+      --batch-size 32 --max-length 128 --seed 42 --max-train-samples $MAX_TRAIN --no-progress --logging-steps 20 $resume "$@" \
       > "$OUT/$task-$name.log" 2>&1 || echo "FAILED $task-$name (see $OUT/$task-$name.log)"
   }
   run full --method full --epochs 4 --lr 1e-4

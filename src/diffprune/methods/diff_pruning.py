@@ -61,7 +61,7 @@ class DiffPruning(FixedMaskMixin, Method):
         self.names = select_parameters(model, head_names, config.include, config.exclude)
         self.layout = layout_for(model, self.names)
         self.delta_model: DeltaModel | None = None
-        self.phase_stats: dict[str, float] = {}
+        self.phase_stats: dict[str, dict[str, float]] = {}  # per phase, recorded in metrics.json
 
     def build_phase(self, phase: str) -> PhaseSpec:
         c = self.config
@@ -87,7 +87,7 @@ class DiffPruning(FixedMaskMixin, Method):
         source = self.delta_model.source
         generator = torch.Generator().manual_seed(self.config.seed)
         delta = source.final_delta(generator)  # u sampled once: many entries exactly 0
-        self.phase_stats = {"l0_nonzero_frac": float((delta != 0).float().mean()),
-                            "l0_expected_frac": float(source.expected_l0().detach()) / self.layout.total}
+        self.phase_stats["l0"] = {"nonzero_frac": float((delta != 0).float().mean()),
+                                  "expected_l0_frac": float(source.expected_l0().detach()) / self.layout.total}
         idx, values = project_l0(delta, self.config.sparsity, tiebreak=source.keep_probability())
         self.set_fixed_mask(FixedMaskDiff(self.layout, idx, values))

@@ -158,7 +158,7 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
         phase_metrics["train"] = {"seconds": round(seconds, 2), "steps": result.global_step,
                                   "seconds_per_step": round(seconds / max(1, result.global_step), 4),
                                   "train_loss": result.training_loss, "peak_rss_mb": round(peak_rss_mb(), 1),
-                                  **getattr(method, "phase_stats", {})}
+                                  **getattr(method, "phase_stats", {}).get(phase, {})}
         metrics["phases"][phase] = phase_metrics
         if main:
             save_diff(finish_diff(method.export(), cfg, spec), phase_dir / "snapshot", base_fingerprint_model)
