@@ -21,6 +21,8 @@ for task in mrpc rte; do
       > "$OUT/$task-$name.log" 2>&1 || echo "FAILED $task-$name (see $OUT/$task-$name.log)"
   }
   run full --method full --epochs 4 --lr 1e-4
-  run dp-structured --method diff-pruning --structured --sparsity 0.005 --l0-epochs 2 --epochs 2 --lr 5e-4
+  # dense-phase learning rate as for full finetuning; the sparse fixed-mask phase gets a higher one
+  run dp-structured --method diff-pruning --structured --sparsity 0.005 --l0-epochs 2 --epochs 2 --lr 1e-4 \
+    --set fixed_lr=5e-4
 done
 $PY benchmarks/table.py "$OUT"

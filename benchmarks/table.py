@@ -16,7 +16,7 @@ def main(root: str) -> None:
         metrics = ", ".join(f"{k} {100 * v:.1f}" for k, v in dev.items() if k not in ("loss", "main"))
         pre = m["phases"].get("l0", {}).get("dev", {}).get("main")
         rows.append((m["task"], path.parent.name, metrics, f"{100 * pre:.1f}" if pre is not None else "",
-                     f"{100 * st.get('sparsity', 1):.2f}%", f"{st.get('stored_bytes', 0):,}", steps,
+                     (f"{100 * st['sparsity']:.2f}%" if st.get('sparsity') is not None else "100% (dense)"), f"{st.get('stored_bytes', 0):,}", steps,
                      f"{secs / 60:.1f}", f"{peak:.0f}"))
     print("| task | run | dev (final) | main after L0+projection | sparsity | stored bytes | steps | train min | peak RSS MiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")

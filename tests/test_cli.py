@@ -134,3 +134,12 @@ def test_user_errors_are_one_line(tmp_path, tiny_model_dir, data_dir, capsys, tr
     assert "fingerprint" in run_error(["merge", str(trained), "--output", str(tmp_path / "m"),
                                        "--base-model", str(other)], capsys)
     assert not (tmp_path / "m").exists()
+
+
+def test_summary_of_a_dense_method(capsys):
+    from diffprune.cli import print_summary
+
+    print_summary("out", {"main_metric": "accuracy", "final": {"dev": {"accuracy": 0.5}},
+                          "storage": {"nnz": 0, "num_diff_params": 0, "sparsity": None,
+                                      "dense_params": 10, "stored_bytes": 40}})
+    assert "10 dense parameters, 40 bytes" in capsys.readouterr().out

@@ -80,7 +80,9 @@ def print_summary(output_dir: str, metrics: dict) -> None:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float) and k != "loss")
         print(f"{split}: {shown}  (main: {main})")
     st = metrics.get("storage", {})
-    if st:
+    if st and st.get("sparsity") is None:
+        print(f"stored: {st['dense_params']:,} dense parameters, {st['stored_bytes']:,} bytes")
+    elif st:
         print(f"diff: {st['nnz']:,} nonzeros of {st['num_diff_params']:,} diff-pruned parameters "
               f"(sparsity {100 * st['sparsity']:.3f}%), {st['stored_bytes']:,} bytes stored "
               f"({st.get('sparse_bytes_per_nnz', 0):.2f} bytes per nonzero)")
