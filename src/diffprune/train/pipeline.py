@@ -130,7 +130,7 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
     train_ds = tokenize(data.train, tokenizer, cfg.max_length, spec.is_regression)
     evals = {k: tokenize(v, tokenizer, cfg.max_length, spec.is_regression) for k, v in data.evals.items()}
     method = method_cls(method_cfg, model, head)
-    base_fingerprint_model = model  # the frozen base: sparse methods never modify θ in place
+    base_fingerprint_model = model  # sparse methods hold θ unchanged whenever a snapshot is saved
 
     metrics: dict[str, Any] = {"task": spec.name, "method": cfg.method, "model": cfg.model, "phases": {}}
     main = is_main_process()
