@@ -56,6 +56,11 @@ class MethodConfig:
     weight_decay: float = 0.0
     epochs: float = 3.0         # epochs of the (last) training phase
 
+    def __post_init__(self):
+        self.check_positive(lr=self.lr, epochs=self.epochs)
+        if self.head_lr is not None:
+            self.check_positive(head_lr=self.head_lr)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -66,6 +71,11 @@ class MethodConfig:
         if unknown:
             raise DiffpruneError(f"unknown option(s) {unknown} for this method (known: {sorted(known)})")
         return cls(**values)
+
+    def check_sparsity(self, sparsity: float) -> None:
+        if not (0.0 < sparsity <= 1.0):
+            raise DiffpruneError(f"--sparsity is the share of entries kept and must be in (0, 1], got "
+                                 f"{sparsity} (0.005 keeps 0.5%)")
 
     def check_positive(self, **values: float) -> None:
         for key, value in values.items():

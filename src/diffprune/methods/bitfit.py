@@ -21,11 +21,6 @@ from .full import FullFinetune
 class BitFitConfig(MethodConfig):
     lr: float = 1e-3  # biases want a much larger learning rate than full finetuning (paper: 1e-4 … 1e-3)
 
-    def __post_init__(self):
-        self.check_positive(lr=self.lr, epochs=self.epochs)
-        if self.head_lr is not None:
-            self.check_positive(head_lr=self.head_lr)
-
 
 @register
 class BitFit(FullFinetune):

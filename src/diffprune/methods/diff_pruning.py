@@ -40,14 +40,13 @@ class DiffPruningConfig(MethodConfig):
     seed: int = 0               # seed of the once-sampled final mask
 
     def __post_init__(self):
-        if not (0.0 < self.sparsity <= 1.0):
-            raise DiffpruneError(f"--sparsity is the share of entries kept and must be in (0, 1], got "
-                                 f"{self.sparsity} (0.005 keeps 0.5%)")
+        super().__post_init__()
+        self.check_sparsity(self.sparsity)
         if not (self.left < 0.0 < self.right):
             raise DiffpruneError(f"the stretch interval needs left < 0 < right, got {self.left}, {self.right}")
         if self.l0_lambda < 0:
             raise DiffpruneError(f"l0_lambda must be >= 0, got {self.l0_lambda}")
-        self.check_positive(lr=self.lr, alpha_lr=self.alpha_lr, epochs=self.epochs, l0_epochs=self.l0_epochs)
+        self.check_positive(alpha_lr=self.alpha_lr, l0_epochs=self.l0_epochs)
 
 
 @register

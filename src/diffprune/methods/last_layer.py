@@ -39,11 +39,6 @@ def top_layer_names(names: list[str]) -> list[str]:
 class LastLayerConfig(MethodConfig):
     lr: float = 1e-4
 
-    def __post_init__(self):
-        self.check_positive(lr=self.lr, epochs=self.epochs)
-        if self.head_lr is not None:
-            self.check_positive(head_lr=self.head_lr)
-
 
 @register
 class LastLayer(FullFinetune):

@@ -36,14 +36,11 @@ class SparseFromFinetuneConfig(MethodConfig):
     exclude: list[str] = field(default_factory=list)  # patterns to leave frozen
 
     def __post_init__(self):
-        if not (0.0 < self.sparsity <= 1.0):
-            raise DiffpruneError(f"--sparsity is the share of entries kept and must be in (0, 1], got "
-                                 f"{self.sparsity} (0.005 keeps 0.5%)")
-        self.check_positive(lr=self.lr, epochs=self.epochs, finetune_epochs=self.finetune_epochs)
+        super().__post_init__()
+        self.check_sparsity(self.sparsity)
+        self.check_positive(finetune_epochs=self.finetune_epochs)
         if self.fixed_lr is not None:
             self.check_positive(fixed_lr=self.fixed_lr)
-        if self.head_lr is not None:
-            self.check_positive(head_lr=self.head_lr)
 
 
 class SparseFromFinetune(FixedMaskMixin, Method):
