@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiffpruneError
+from .methods import get_method
 from .models import load_model
 from .storage import TaskDiff, apply_diff, load_diff
 
@@ -49,5 +50,6 @@ def load_task_model(path: str | Path, base_model: str | None = None, check_finge
     diff: TaskDiff = load_diff(find_diff_dir(path))
     num_labels = len(diff.label_names) if diff.label_names else 1
     model, tokenizer, _ = load_model(base_model or diff.base_model, num_labels, diff.label_names)
+    model = get_method(diff.method).attach(model, diff.config)  # adapters / LoRA layers, if the method adds any
     apply_diff(model, diff, check_fingerprint=check_fingerprint)
     return model.eval(), tokenizer, diff

@@ -122,14 +122,23 @@ def cmd_inspect(args) -> int:
                          indent=2, default=str))
         return 0
     print(f"method {diff.method}  task {diff.task}  base {diff.base_model}")
-    print(f"nonzeros {stats['nnz']:,} / {stats['num_diff_params']:,} diff-pruned parameters "
-          f"(sparsity {100 * stats['sparsity']:.4f}%)")
-    print(f"dense (head) parameters {stats['dense_params']:,}")
-    print(f"stored bytes {stats['stored_bytes']:,}  ({stats.get('sparse_bytes_per_nnz', 0):.2f} per nonzero "
-          "in the sparse part)")
-    print("nonzeros per layer:")
-    for group, count in stats["nnz_by_layer"].items():
-        print(f"  {group:<14} {count:>10,}")
+    pct = stats.get("task_params_pct")
+    print(f"parameters stored per task {stats['task_params']:,}"
+          + (f" ({pct:.3f}% of the {stats['base_params']:,} pretrained parameters)" if pct is not None else ""))
+    if stats["sparsity"] is not None:
+        print(f"nonzeros {stats['nnz']:,} / {stats['num_diff_params']:,} diff-pruned parameters "
+              f"(sparsity {100 * stats['sparsity']:.4f}%), {stats['sparse_bytes_per_nnz'] or 0:.2f} bytes per "
+              "nonzero in the sparse part")
+    print(f"dense parameters (trained or added tensors, head included) {stats['dense_params']:,}")
+    print(f"stored bytes {stats['stored_bytes']:,}")
+    if stats["nnz"]:
+        print("nonzeros per layer:")
+        for group, count in stats["nnz_by_layer"].items():
+            print(f"  {group:<14} {count:>10,}")
+    if stats["dense_params"]:
+        print("dense parameters per layer:")
+        for group, count in stats["dense_params_by_layer"].items():
+            print(f"  {group:<14} {count:>10,}")
     return 0
 
 
@@ -138,10 +147,14 @@ def cmd_merge(args) -> int:
     from .models import load_model
     from .storage import load_diff, merge_diff
 
+    from .methods import get_method
+
     diff = load_diff(find_diff_dir(args.run))
+    method = get_method(diff.method)
     num_labels = len(diff.label_names) if diff.label_names else 1
     model, tokenizer, _ = load_model(args.base_model or diff.base_model, num_labels, diff.label_names)
-    out = merge_diff(model, diff, args.output, tokenizer)
+    model = method.attach(model, diff.config)
+    out = merge_diff(model, diff, args.output, tokenizer, fold=method.fold)
     print(f"merged model written to {out} (loads with AutoModelForSequenceClassification.from_pretrained)")
     return 0
 

@@ -109,6 +109,26 @@ class Method(ABC):
     def restore(self, diff: TaskDiff) -> None:
         """Return to the state saved by `export()` (the snapshot of a finished phase)."""
 
+    @classmethod
+    def attach(cls, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+        """Give a freshly loaded base model the modules this method adds (adapters, LoRA layers).
+
+        Called with the stored method config before a saved diff is applied, so that the stored tensors of
+        added modules have somewhere to go; methods call it on their own model too, so training and
+        reloading build the same structure. Must modify `model` in place (base parameter names unchanged)
+        and return it. Default: the method adds nothing.
+        """
+        return model
+
+    @classmethod
+    def fold(cls, model: nn.Module) -> nn.Module:
+        """Fold added modules into the base weights and return a plain transformers model (for `merge`).
+
+        Default: nothing was added, so the model is already plain. Methods whose additions cannot be
+        folded (bottleneck adapters are non-linear) raise a DiffpruneError that says so.
+        """
+        return model
+
     def eval_model(self) -> nn.Module:
         """The module to evaluate now (default: the model with the current task state applied)."""
         return self.model

@@ -11,6 +11,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -121,13 +122,15 @@ def apply_diff(model: torch.nn.Module, diff: TaskDiff, check_fingerprint: bool =
     return applied
 
 
-def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.PathLike, tokenizer=None) -> Path:
+def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.PathLike, tokenizer=None,
+               fold: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Path:
     """Apply `diff` and save the result as a plain transformers checkpoint in `output_dir` (atomically).
 
     The saved config carries id2label/label2id from the diff's label names (problem_type "regression" when
     there are none, or `extra["problem_type"]` when given), so `AutoModelForSequenceClassification
     .from_pretrained(output_dir)` needs nothing else. On success `model` is left merged (config included),
-    ready to use; on failure it is restored and nothing is left on disk.
+    ready to use; on failure it is restored and nothing is left on disk. `fold` turns a model with added
+    modules (LoRA layers) into a plain one after the diff is applied (the method's `fold`).
     """
     if diff.label_names is not None and len(diff.label_names) != model.config.num_labels:
         raise DiffpruneError(f"the diff has {len(diff.label_names)} labels but the model's head has "
@@ -144,8 +147,9 @@ def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.Path
         if problem_type:
             model.config.problem_type = problem_type
         is_model_dir = lambda p: (p / "config.json").is_file()  # noqa: E731
+        plain = fold(model) if fold is not None else model
         with atomic_directory(output_dir, is_model_dir) as tmp:
-            model.save_pretrained(tmp)
+            plain.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     except BaseException:

@@ -127,8 +127,10 @@ class TaskDiff:
     def fingerprint_names(self) -> list[str]:
         """The base tensors the fingerprint covers.
 
-        Rule: every `sparse` name (an additive diff is meaningless on other weights) plus the `dense` names
-        listed in ``config["fingerprint_dense"]``. Other dense entries are replacements that do not depend
+        Rule: every `sparse` name (an additive diff is meaningless on other weights), the `dense` names
+        listed in ``config["fingerprint_dense"]``, and the frozen base tensors listed in
+        ``config["fingerprint_base"]`` (methods that add modules on top of a frozen base, such as adapters
+        and LoRA, depend on every base weight without storing any of them). Other dense entries are replacements that do not depend
         on the base value (a freshly initialised head), so they are left out: hashing them would make a
         diff unusable on a base whose head happened to be initialised with another seed.
         """
@@ -137,7 +139,11 @@ class TaskDiff:
         if unknown:
             raise DiffpruneError(f"config['fingerprint_dense'] names tensors that are not dense entries: "
                                  f"{', '.join(unknown)}")
-        return sorted(set(self.sparse) | set(extra))
+        frozen = list(self.config.get("fingerprint_base", []) or [])
+        stored = [n for n in frozen if n in self.sparse or n in self.dense]
+        if stored:
+            raise DiffpruneError(f"config['fingerprint_base'] names tensors stored in the diff: {', '.join(stored)}")
+        return sorted(set(self.sparse) | set(extra) | set(frozen))
 
     def validate(self) -> None:
         """Structural checks shared by save, load and apply (raises DiffpruneError)."""

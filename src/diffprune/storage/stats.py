@@ -51,6 +51,9 @@ def diff_stats(diff: TaskDiff, directory: str | os.PathLike | None = None) -> di
     tensors. Methods should record it: a tensor that ended with no nonzeros is not stored, so the stored
     shapes alone undercount d. `sparsity` is the paper's share of d that is nonzero (nnz / d).
 
+    `task_params` is everything stored for the task (nonzeros + dense tensors, head included);
+    `task_params_pct` puts it against the pretrained model's size (`extra["base_params"]`, head excluded).
+
     `sparse_bytes_per_nnz` is (index bytes + value bytes) / nnz as stored: read from the safetensors header
     when `directory` is given, else from the storage rule (int32 positions, float32 values: 8).
     """
@@ -83,6 +86,10 @@ def diff_stats(diff: TaskDiff, directory: str | os.PathLike | None = None) -> di
         "sparse_tensors": len(diff.sparse),
         "dense_params": sum(dense_numel.values()),
         "dense_params_by_layer": _by_group(dense_numel),
+        "task_params": nnz + sum(dense_numel.values()),
+        "base_params": diff.extra.get("base_params"),
+        "task_params_pct": (100.0 * (nnz + sum(dense_numel.values())) / diff.extra["base_params"]
+                            if diff.extra.get("base_params") else None),
         "sparse_bytes": sparse_bytes,
         "sparse_bytes_per_nnz": sparse_bytes / nnz if nnz else None,
         "stored_bytes": stored_bytes,

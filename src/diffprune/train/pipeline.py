@@ -129,6 +129,7 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
     prepare_output_dir(out, cfg)  # only now, so a mistake above leaves nothing behind
     train_ds = tokenize(data.train, tokenizer, cfg.max_length, spec.is_regression)
     evals = {k: tokenize(v, tokenizer, cfg.max_length, spec.is_regression) for k, v in data.evals.items()}
+    base_params = sum(p.numel() for n, p in model.named_parameters() if n not in set(head))
     method = method_cls(method_cfg, model, head)
     base_fingerprint_model = model  # sparse methods hold θ unchanged whenever a snapshot is saved
 
@@ -161,7 +162,8 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
                                   **getattr(method, "phase_stats", {}).get(phase, {})}
         metrics["phases"][phase] = phase_metrics
         if main:
-            save_diff(finish_diff(method.export(), cfg, spec), phase_dir / "snapshot", base_fingerprint_model)
+            save_diff(finish_diff(method.export(), cfg, spec, base_params), phase_dir / "snapshot",
+                      base_fingerprint_model)
             atomic_write_json(done, phase_metrics)
             shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
 
@@ -179,13 +181,16 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
         metrics["final"] = {split: vals for split, vals in final.items() if split != "train"}
         metrics["main_metric"] = spec.main_metric
         metrics["storage"] = {k: stats[k] for k in ("nnz", "num_diff_params", "sparsity", "stored_bytes",
-                                                    "sparse_bytes_per_nnz", "dense_params") if k in stats}
+                                                    "sparse_bytes_per_nnz", "dense_params", "task_params",
+                                                    "task_params_pct") if k in stats}
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def finish_diff(diff: TaskDiff, cfg: TrainConfig, spec: TaskSpec) -> TaskDiff:
+def finish_diff(diff: TaskDiff, cfg: TrainConfig, spec: TaskSpec, base_params: int | None = None) -> TaskDiff:
     diff.base_model, diff.task = cfg.model, spec.name
+    if base_params is not None:  # pretrained parameters (task head excluded), for "% of the base" figures
+        diff.extra["base_params"] = int(base_params)
     diff.label_names = list(spec.label_names) if spec.label_names else None
     diff.extra.setdefault("num_labels", spec.num_labels)
     diff.extra["max_length"] = cfg.max_length
