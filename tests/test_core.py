@@ -55,7 +55,7 @@ def test_structured_expected_l0_gradcheck_and_value():
 def test_l0diff_gradcheck_through_delta():
     layout = FlatLayout(["a", "b"], [(2, 3), (4,)])
     torch.manual_seed(0)
-    diff = L0Diff(layout, structured=True, alpha_init=0.3, checkpoint_gate=False).double()
+    diff = L0Diff(layout, structured=True, alpha_init=0.3).double()
     with torch.no_grad():
         diff.w.normal_()
         diff.log_alpha.normal_()
@@ -69,18 +69,51 @@ def test_l0diff_gradcheck_through_delta():
     assert torch.autograd.gradcheck(delta, (diff.w, diff.log_alpha, diff.group_log_alpha))
 
 
-def test_checkpointed_gate_gives_same_gradients():
-    layout = FlatLayout(["a"], [(50,)])
-    grads = []
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        diff = L0Diff(layout, alpha_init=0.5, checkpoint_gate=ckpt)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_sampled_product_matches_composite_formula(dtype):
+    """Same noise (same generator state) → same δ and the same gradients as autograd through the formula."""
+    torch.manual_seed(0)
+    w0 = torch.randn(5000, dtype=dtype)
+    a0 = torch.randn(5000, dtype=dtype) * 2  # spreads z over 0, (0, 1) and 1
+    g = torch.randn(5000, dtype=dtype)
+    results = []
+    for fused in (False, True):
+        w, a = w0.clone().requires_grad_(), a0.clone().requires_grad_()
+        gen = torch.Generator().manual_seed(7)
+        out = hc.sampled_product(w, a, generator=gen) if fused else hc.sample_gate(a, generator=gen) * w
+        out.backward(g)
+        results.append((out.detach(), w.grad, a.grad))
+    z = hc.sample_gate(a0, generator=torch.Generator().manual_seed(7))
+    assert 0.05 < (z == 0).double().mean() and 0.05 < (z == 1).double().mean()  # the clamp is exercised
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for ref, got in zip(results[0], results[1]):
+        torch.testing.assert_close(got, ref, **tol)
+
+
+def test_fused_sampled_product_gradcheck():
+    torch.manual_seed(1)
+    w = torch.randn(40, dtype=torch.double, requires_grad=True)
+    a = torch.randn(40, dtype=torch.double, requires_grad=True)
+    # the same generator state each call, so the function gradcheck sees is deterministic
+    fn = lambda w, a: hc.sampled_product(w, a, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (w, a))
+
+
+def test_l0diff_pieces_equal_flat_delta_and_rows():
+    layout = FlatLayout(["emb", "b", "c"], [(6, 4), (5,), (2, 3)])
+    for structured in (False, True):
+        diff = L0Diff(layout, structured=structured, alpha_init=0.4).eval()
         with torch.no_grad():
             diff.w.normal_()
-        torch.manual_seed(1)
-        (diff() ** 2).sum().backward()
-        grads.append((diff.w.grad.clone(), diff.log_alpha.grad.clone()))
-    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+            diff.log_alpha.normal_()
+        flat = diff()
+        whole = [p.reshape(-1) for p in diff.pieces()]
+        assert torch.allclose(torch.cat(whole), flat)
+        skipped = diff.pieces(skip=0)
+        assert skipped[0] is None
+        assert torch.allclose(torch.cat([p.reshape(-1) for p in skipped[1:]]), flat[24:])
+        rows = torch.tensor([1, 4])
+        assert torch.allclose(diff.rows_delta(rows), flat[:24].view(6, 4)[rows])
 
 
 def test_initial_gates_are_open_and_eval_is_deterministic():

@@ -127,3 +127,44 @@ def test_unknown_method_suggests():
 
     with pytest.raises(DiffpruneError, match="did you mean 'diff-pruning'"):
         get_method("diff-prunning")
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_row_gated_embedding_matches_whole_tensor_gating(arch):
+    """Gating only the used word-embedding rows gives the same outputs and the same gradients."""
+    model = make_tiny(arch)
+    head = head_names_by_convention(model)
+    batch = random_batch(model)
+    labels = torch.tensor([0, 1, 0])
+    results = []
+    for rows in (False, True):
+        torch.manual_seed(0)
+        source = L0Diff(layout_for(model, select_parameters(model, head)), alpha_init=0.3)
+        with torch.no_grad():
+            source.w.normal_(0, 0.05)
+        dm = DeltaModel(model, source, head, gate_used_rows=rows)
+        assert (dm._rows is not None) == rows
+        dm.eval()
+        eval_logits = dm(**batch).logits.detach()
+        # training mode with fully open gates (α large): samples are exactly 1, so both paths are comparable
+        with torch.no_grad():
+            source.log_alpha.fill_(20.0)
+        dm.train()
+        model.zero_grad()
+        for m in model.modules():  # no dropout noise
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        dm(**batch, labels=labels).loss.backward()
+        results.append((eval_logits, source.w.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    assert results[1][1].abs().sum() > 0
+
+
+def test_row_gating_is_off_for_tied_embeddings():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32, tie_word_embeddings=True))
+    source = L0Diff(layout_for(model, select_parameters(model, [])))
+    assert DeltaModel(model, source, []).__dict__["_rows"] is None

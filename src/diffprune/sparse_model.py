@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.func import functional_call
 
 from .core.diff_vector import FixedMaskDiff, FlatLayout, L0Diff
@@ -46,31 +47,60 @@ def layout_for(model: nn.Module, names: Sequence[str]) -> FlatLayout:
     return FlatLayout(names, [model.get_parameter(n).shape for n in names])
 
 
+def row_gated_embedding(model: nn.Module, layout: FlatLayout) -> tuple[int, nn.Embedding] | None:
+    """(layout index, module) of the input word embedding if its δ can be built for used rows only.
+
+    That holds when the embedding is a plain `nn.Embedding` in the layout whose weight no other module
+    uses (a weight tied to an LM decoder sees every row in every step, so it must be gated whole).
+    """
+    try:
+        module = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if type(module) is not nn.Embedding or module.max_norm is not None or module.scale_grad_by_freq:
+        return None
+    weight = module.weight
+    users = sum(1 for m in model.modules() for p in m.parameters(recurse=False) if p is weight)
+    names = [n for n, p in model.named_parameters() if p is weight]
+    if users != 1 or not names or names[0] not in layout.names:
+        return None
+    return layout.names.index(names[0]), module
+
+
 class DeltaModel(nn.Module):
-    """Runs `base` with θ + δ for the parameters in `source.layout`; the head trains densely."""
+    """Runs `base` with θ + δ for the parameters in `source.layout`; the head trains densely.
+
+    In the L0 phase the input word embedding (about half of d for small encoders) is handled by rows:
+    the model keeps its frozen weight θ and a forward hook adds δ for just the token ids in the batch
+    (`gate_used_rows=True`). The result is the same θ + δ lookup, at a fraction of the gate's cost.
+    """
 
     # Trainer checks this after loading a checkpoint, which (by design) omits the frozen base weights.
     _keys_to_ignore_on_save = None
 
-    def __init__(self, base: nn.Module, source: L0Diff | FixedMaskDiff, head_names: Iterable[str]):
+    def __init__(self, base: nn.Module, source: L0Diff | FixedMaskDiff, head_names: Iterable[str],
+                 gate_used_rows: bool = True):
         super().__init__()
         self.base = base
         self.source = source
         self.head_names = list(head_names)
         for name, p in base.named_parameters():
             p.requires_grad_(name in self.head_names)
+        self._rows = None
+        if isinstance(source, L0Diff) and gate_used_rows:
+            self._rows = row_gated_embedding(base, source.layout)
 
     @property
     def config(self):  # Trainer and users look for model.config
         return self.base.config
 
     def effective_parameters(self) -> dict[str, Tensor]:
-        """{name: θ + δ} for every diff-pruned tensor whose δ is not structurally zero."""
+        """{name: θ + δ} for every diff-pruned tensor whose δ is not structurally zero (and not row-gated)."""
         layout = self.source.layout
         if isinstance(self.source, L0Diff):
-            delta = self.source()  # (d,)
+            skip = self._rows[0] if self._rows is not None else None
             return {name: self.base.get_parameter(name) + part
-                    for name, part in zip(layout.names, layout.split(delta))}
+                    for name, part in zip(layout.names, self.source.pieces(skip)) if part is not None}
         params = {}
         for i, local, values in self.source.per_tensor():
             name = layout.names[i]
@@ -78,13 +108,29 @@ class DeltaModel(nn.Module):
             params[name] = theta.reshape(-1).index_add(0, local, values.to(theta.dtype)).view(theta.shape)
         return params
 
+    def _add_row_delta(self, module: nn.Embedding, args, output: Tensor) -> Tensor:
+        """Forward hook: θ[ids] + δ[ids] with δ gated for the distinct ids of this batch only."""
+        ids = args[0]
+        rows, inverse = torch.unique(ids, return_inverse=True)
+        padding = None  # the padding row gets no gradient, exactly as in nn.Embedding
+        if module.padding_idx is not None:
+            hit = (rows == module.padding_idx).nonzero()
+            padding = int(hit[0, 0]) if hit.numel() else None
+        delta = self.source.rows_delta(rows).to(output.dtype)
+        return output + F.embedding(inverse, delta, padding_idx=padding)
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        return functional_call(self.base, self.effective_parameters(), args=(), kwargs=inputs,
-                               tie_weights=True, strict=False)
+        params = self.effective_parameters()
+        hook = self._rows[1].register_forward_hook(self._add_row_delta) if self._rows is not None else None
+        try:
+            return functional_call(self.base, params, args=(), kwargs=inputs, tie_weights=True, strict=False)
+        finally:
+            if hook is not None:
+                hook.remove()
 
     @torch.no_grad()
     def merged_delta(self) -> Tensor:

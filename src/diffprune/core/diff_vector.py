@@ -17,7 +17,6 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from . import hard_concrete as hc
 
@@ -59,17 +58,20 @@ class FlatLayout:
 
 
 class L0Diff(nn.Module):
-    """δ = z ⊙ w with stretched Hard-Concrete gates, trained with the expected-L0 penalty."""
+    """δ = z ⊙ w with stretched Hard-Concrete gates, trained with the expected-L0 penalty.
+
+    Training-mode gates are fresh samples (`hard_concrete.sampled_product`, which keeps one d-sized
+    tensor for backward); eval-mode gates are the noise-free expected gate. `pieces(skip)` and
+    `rows_delta(rows)` let the model wrapper build the δ of one large tensor (the word embedding) only for
+    the rows a batch uses: the other rows cannot change this step's loss, so gating them is wasted work.
+    """
 
     def __init__(self, layout: FlatLayout, structured: bool = False, alpha_init: float = 5.0,
-                 left: float = hc.LEFT, right: float = hc.RIGHT, checkpoint_gate: bool = True):
+                 left: float = hc.LEFT, right: float = hc.RIGHT):
         super().__init__()
         hc.log_ratio(left, right)  # validates the interval
         self.layout, self.left, self.right = layout, left, right
         self.structured = structured
-        # Recomputing the gate in backward (the RNG state is replayed) keeps the L0 phase's extra memory
-        # to w, α and their optimizer state instead of four more d-sized activations.
-        self.checkpoint_gate = checkpoint_gate
         d = layout.total
         self.w = nn.Parameter(torch.zeros(d))
         self.log_alpha = nn.Parameter(torch.full((d,), float(alpha_init)))
@@ -78,12 +80,24 @@ class L0Diff(nn.Module):
         else:
             self.register_parameter("group_log_alpha", None)
         self.register_buffer("group_sizes", torch.tensor(layout.numels, dtype=torch.long), persistent=False)
+        self._skipped: tuple | None = None  # (w rows, α rows, group gate) of the tensor left to rows_delta
 
     def _expand(self, per_group: Tensor) -> Tensor:
         return torch.repeat_interleave(per_group, self.group_sizes, output_size=self.layout.total)
 
+    def _gated(self, w: Tensor, log_alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z ⊙ w elementwise: sampled in training mode, the expected gate in eval mode."""
+        if self.training:
+            return hc.sampled_product(w, log_alpha, self.left, self.right, generator)
+        return hc.expected_gate(log_alpha, self.left, self.right) * w
+
+    def _group_gates(self, generator: torch.Generator | None = None) -> Tensor:
+        if self.training:
+            return hc.sample_gate(self.group_log_alpha, self.left, self.right, generator)
+        return hc.expected_gate(self.group_log_alpha, self.left, self.right)
+
     def gates(self, stochastic: bool, generator: torch.Generator | None = None) -> Tensor:
-        """z over all d entries (times the group gate when structured)."""
+        """z over all d entries (times the group gate when structured), without gradients' concerns."""
         if stochastic:
             z = hc.sample_gate(self.log_alpha, self.left, self.right, generator)
         else:
@@ -96,16 +110,50 @@ class L0Diff(nn.Module):
             z = z * self._expand(zg)
         return z
 
-    def _delta(self, w: Tensor, log_alpha: Tensor, group_log_alpha: Tensor | None) -> Tensor:
-        # Arguments are passed explicitly so that checkpoint() sees them as inputs of the recomputed graph.
-        return self.gates(stochastic=self.training) * w
-
     def forward(self) -> Tensor:
         """δ (flat, length d): a fresh sample in training mode, the noise-free gate in eval mode."""
-        if self.checkpoint_gate and self.training and torch.is_grad_enabled():
-            return checkpoint(self._delta, self.w, self.log_alpha, self.group_log_alpha,
-                              use_reentrant=False, preserve_rng_state=True)
-        return self._delta(self.w, self.log_alpha, self.group_log_alpha)
+        delta = self._gated(self.w, self.log_alpha)
+        if self.structured:
+            delta = delta * self._expand(self._group_gates())
+        return delta
+
+    def pieces(self, skip: int | None = None) -> list[Tensor | None]:
+        """δ per tensor, shaped like it (one gate sample for all); tensor number `skip` is None.
+
+        The skipped tensor's w and α rows are kept for `rows_delta` in the same forward pass (its first
+        dimension is the row dimension). w and α are split once, so backward concatenates their gradients
+        once instead of filling a d-sized zero tensor per piece.
+        """
+        layout = self.layout
+        zg = self._group_gates() if self.structured else None
+        if skip is None:
+            bounds = [(0, len(layout))]
+        else:
+            bounds = [(0, skip), (skip, skip + 1), (skip + 1, len(layout))]
+        sizes = [layout.offsets[b] - layout.offsets[a] for a, b in bounds]
+        out: list[Tensor | None] = []
+        for (a, b), w, log_alpha in zip(bounds, torch.split(self.w, sizes), torch.split(self.log_alpha, sizes)):
+            if b == a:
+                continue
+            if a == skip:
+                rows = layout.shapes[skip][0]
+                self._skipped = (w.view(rows, -1), log_alpha.view(rows, -1), None if zg is None else zg[skip])
+                out.append(None)
+                continue
+            delta = self._gated(w, log_alpha)
+            parts = torch.split(delta, layout.numels[a:b])
+            for i, part in zip(range(a, b), parts):
+                part = part.view(layout.shapes[i])
+                out.append(part * zg[i] if zg is not None else part)
+        return out
+
+    def rows_delta(self, rows: Tensor) -> Tensor:
+        """δ of the given rows of the tensor skipped by the last `pieces` call: (len(rows), row size)."""
+        if self._skipped is None:
+            raise RuntimeError("rows_delta needs a preceding pieces(skip=...) in the same forward pass")
+        w, log_alpha, zg = self._skipped
+        delta = self._gated(w.index_select(0, rows), log_alpha.index_select(0, rows))
+        return delta * zg if zg is not None else delta
 
     def expected_l0(self) -> Tensor:
         """E‖δ‖₀ (a differentiable scalar)."""
