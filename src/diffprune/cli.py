@@ -1,10 +1,12 @@
-"""The `diffprune` command line: train, eval, inspect, merge.
+"""The `diffprune` command line: train, eval, inspect, merge, compare, importance.
 
     diffprune train --model minilm --task rte --data-dir ../shared/data/glue --method diff-pruning \
         --structured --sparsity 0.005 --output-dir runs/rte
     diffprune eval runs/rte --task rte --data-dir ../shared/data/glue
     diffprune inspect runs/rte [--json]
     diffprune merge runs/rte --output merged/
+    diffprune compare --task rte --data-dir ../shared/data/glue --methods full,bitfit,lora --output-dir cmp/
+    diffprune importance --task rte --data-dir ../shared/data/glue --output heads/
 A user mistake prints one line `diffprune: error: …` and exits with status 2.
 """
 from __future__ import annotations
@@ -159,6 +161,48 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import DEFAULT_METHODS, parse_entries, run_all
+
+    spec = task_spec(args)  # validates the task before any run starts
+    if args.epochs <= 0:
+        raise DiffpruneError(f"--epochs must be positive, got {args.epochs}")
+    labels = [m.strip() for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
+    entries = parse_entries(labels, args.set or [], args.epochs)
+    common = ["--model", args.model, "--task", spec.name, "--batch-size", str(args.batch_size),
+              "--max-length", str(args.max_length), "--seed", str(args.seed), "--warmup", str(args.warmup)]
+    for flag, value in (("--data-dir", args.data_dir), ("--train-file", args.train_file),
+                        ("--dev-file", args.dev_file), ("--text-columns", args.text_columns),
+                        ("--max-train-samples", args.max_train_samples),
+                        ("--max-eval-samples", args.max_eval_samples)):
+        if value is not None:
+            common += [flag, str(value)]
+    if args.train_file:
+        common += ["--label-column", args.label_column] + (["--regression"] if args.regression else [])
+    out = Path(args.output_dir)
+    rows = run_all(entries, out, common)
+    print()
+    print((out / "comparison.md").read_text())
+    print(f"table: {out / 'comparison.md'}  csv: {out / 'comparison.csv'}  plot: {out / 'comparison.png'}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def cmd_importance(args) -> int:
+    from .heads.importance import run_importance
+
+    spec = task_spec(args)
+    result = run_importance(args.model, spec, args.data_dir, args.output, num_examples=args.num_examples,
+                            batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+    ranking = result.get("ranking", [])
+    print(f"heads from most to least important ({len(ranking)} scored):")
+    for item in ranking[: args.show]:
+        print(f"  {item['rank']:>3}. layer {item['layer']} head {item['head']}  {item['score']:.4f}")
+    if len(ranking) > args.show:
+        print(f"  … {len(ranking) - args.show} more in {result['files'].get('json')}")
+    print("written: " + ", ".join(str(p) for p in result["files"].values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffprune", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--output", required=True)
     m.add_argument("--base-model")
     m.set_defaults(func=cmd_merge)
+    c = sub.add_parser("compare", help="train (or reuse) several methods on one task; table, CSV and plot")
+    c.add_argument("--model", default="minilm")
+    add_task_args(c)
+    c.add_argument("--methods", help="comma-separated methods (default: all); also diff-pruning-structured")
+    c.add_argument("--output-dir", required=True, help="runs go to OUT/runs/<method>; finished ones are reused")
+    c.add_argument("--epochs", type=float, default=3.0, help="total epochs per method (split over phases)")
+    c.add_argument("--set", action="append", metavar="[METHOD.]KEY=VALUE",
+                   help="method option for all methods, or one (e.g. lora.lr=5e-4)")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--max-length", type=int, default=128)
+    c.add_argument("--max-train-samples", type=int)
+    c.add_argument("--warmup", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=42)
+    c.set_defaults(func=cmd_compare)
+
+    h = sub.add_parser("importance", help="task-oriented attention-head importance (scores, ranking, heatmap)")
+    h.add_argument("--model", default="minilm")
+    add_task_args(h)
+    h.add_argument("--output", required=True, help="directory for importance.json/.safetensors/.png")
+    h.add_argument("--num-examples", type=int, default=256, help="training examples scored (default 256)")
+    h.add_argument("--batch-size", type=int, default=32)
+    h.add_argument("--max-length", type=int, default=128)
+    h.add_argument("--seed", type=int, default=42)
+    h.add_argument("--show", type=int, default=10, help="ranking lines printed")
+    h.set_defaults(func=cmd_importance)
     return parser
 
 

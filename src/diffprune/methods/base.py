@@ -94,6 +94,13 @@ class Method(ABC):
         self.model = model
         self.head_names = list(head_names)
 
+    def prepare(self, train_dataset, collate) -> None:
+        """Called once with the tokenized training set (and its collator) before the first phase.
+
+        For methods that look at task data before training, such as Prune-LoRA's head importance. Must be
+        deterministic for a given seed: `--resume` calls it again and expects the same result.
+        """
+
     @abstractmethod
     def build_phase(self, phase: str) -> PhaseSpec:
         """Prepare `phase` and say what to train."""
@@ -108,6 +115,14 @@ class Method(ABC):
     @abstractmethod
     def restore(self, diff: TaskDiff) -> None:
         """Return to the state saved by `export()` (the snapshot of a finished phase)."""
+
+    @classmethod
+    def budget(cls, epochs: float) -> dict[str, float]:
+        """Config options that spend `epochs` in total over the method's phases (for `compare`).
+
+        Default: one phase gets them all; two-phase methods split them evenly.
+        """
+        return {"epochs": epochs}
 
     @classmethod
     def attach(cls, model: nn.Module, config: dict[str, Any]) -> nn.Module:

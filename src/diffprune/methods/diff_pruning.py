@@ -55,6 +55,10 @@ class DiffPruning(FixedMaskMixin, Method):
     config_class = DiffPruningConfig
     phases = ("l0", "fixed_mask")
 
+    @classmethod
+    def budget(cls, epochs: float) -> dict[str, float]:
+        return {"l0_epochs": epochs / 2, "epochs": epochs / 2}
+
     def __init__(self, config: DiffPruningConfig, model, head_names):
         super().__init__(config, model, head_names)
         self.names = select_parameters(model, head_names, config.include, config.exclude)

@@ -49,6 +49,10 @@ class SparseFromFinetune(FixedMaskMixin, Method):
     phases = ("finetune", "fixed_mask")
     reset_values = False  # True: the fixed-mask phase starts from δ = 0 (LT-SFT), else from the projected δ
 
+    @classmethod
+    def budget(cls, epochs: float) -> dict[str, float]:
+        return {"finetune_epochs": epochs / 2, "epochs": epochs / 2}
+
     def __init__(self, config: SparseFromFinetuneConfig, model, head_names):
         super().__init__(config, model, head_names)
         self.names = select_parameters(model, head_names, config.include, config.exclude)

@@ -131,6 +131,7 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
     evals = {k: tokenize(v, tokenizer, cfg.max_length, spec.is_regression) for k, v in data.evals.items()}
     base_params = sum(p.numel() for n, p in model.named_parameters() if n not in set(head))
     method = method_cls(method_cfg, model, head)
+    method.prepare(train_ds, collator(tokenizer))
     base_fingerprint_model = model  # sparse methods hold θ unchanged whenever a snapshot is saved
 
     metrics: dict[str, Any] = {"task": spec.name, "method": cfg.method, "model": cfg.model, "phases": {}}

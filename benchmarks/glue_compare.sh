@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every method on real GLUE tasks with MiniLM at one budget, through `diffprune compare`.
+#   bash benchmarks/glue_compare.sh [GLUE_DIR] [OUT_DIR] [TASKS...]
+# Budget: EPOCHS (default 3) total epochs per method (two-phase methods split them evenly), batch 32,
+# max length 128, seed 42, training sets capped at MAX_TRAIN (default 1000, a seeded random subset: 2 CPU
+# cores), full dev sets. Learning rates: each method's default except where set below (dense phases at
+# 1e-4 as in full finetuning, sparse fixed-mask phases at 5e-4, adapters at 5e-4).
+# Finished runs are reused and interrupted ones resumed, so re-running continues where it stopped.
+set -u
+GLUE=${1:-../shared/data/glue}
+OUT=${2:-benchmarks/out/compare}
+shift 2 2>/dev/null || true
+TASKS=${*:-rte mrpc}
+PY=${PY:-.venv/bin/python}
+MAX_TRAIN=${MAX_TRAIN:-1000}
+EPOCHS=${EPOCHS:-3}
+METHODS=${METHODS:-full,last-layer,bitfit,adapter-houlsby,adapter-pfeiffer,lora,non-adaptive-diff-pruning,lt-sft,diff-pruning,diff-pruning-structured}
+for task in $TASKS; do
+  $PY -m diffprune compare --model minilm --task "$task" --data-dir "$GLUE" --output-dir "$OUT/$task" \
+    --methods "$METHODS" --epochs "$EPOCHS" --max-train-samples "$MAX_TRAIN" --batch-size 32 --max-length 128 \
+    --seed 42 \
+    --set full.lr=1e-4 --set last-layer.lr=1e-4 \
+    --set adapter-houlsby.lr=5e-4 --set adapter-pfeiffer.lr=5e-4 \
+    --set non-adaptive-diff-pruning.lr=1e-4 --set non-adaptive-diff-pruning.fixed_lr=5e-4 \
+    --set lt-sft.lr=1e-4 --set lt-sft.fixed_lr=5e-4 \
+    --set diff-pruning.lr=1e-4 --set diff-pruning.fixed_lr=5e-4 \
+    --set diff-pruning-structured.lr=1e-4 --set diff-pruning-structured.fixed_lr=5e-4
+done

@@ -1,0 +1,225 @@
+"""`diffprune compare`: several methods on one task at the same budget, as one table and one plot.
+
+Each method runs as its own `diffprune train` process in OUT/runs/<label>/ (so its peak memory is its
+own), with the same data, seed, batch size and total number of epochs; a two-phase method splits the
+epochs between its phases (`Method.budget`). A run that already finished (metrics.json present) is
+reused and an interrupted one continues with --resume, so a stopped comparison picks up where it was.
+
+Results: OUT/comparison.md (Markdown), OUT/comparison.csv and OUT/comparison.png (dev metric against
+stored bytes per task, log scale), each written atomically after every finished run.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DiffpruneError
+from .io import atomic_write_text
+from .methods import METHODS, get_method
+
+# Named variants a user can list next to plain method names.
+ALIASES: dict[str, tuple[str, dict]] = {
+    "diff-pruning-structured": ("diff-pruning", {"structured": True}),
+}
+DEFAULT_METHODS = ("full", "last-layer", "bitfit", "adapter-houlsby", "adapter-pfeiffer", "lora",
+                   "non-adaptive-diff-pruning", "lt-sft", "diff-pruning", "diff-pruning-structured")
+
+
+@dataclass
+class Entry:
+    """One row of the comparison: a method (or named variant) with its options."""
+    label: str
+    method: str
+    options: dict = field(default_factory=dict)
+
+
+def parse_entries(labels: list[str], settings: list[str], epochs: float) -> list[Entry]:
+    """Methods to compare, with the shared budget and `--set [LABEL.]key=value` options applied."""
+    entries = []
+    for label in labels:
+        if label in ALIASES:
+            method, options = ALIASES[label]
+        else:
+            get_method(label)  # unknown names fail here, with a did-you-mean over methods
+            method, options = label, {}
+        entries.append(Entry(label, method, {**get_method(method).budget(epochs), **options}))
+    if len({e.label for e in entries}) != len(entries):
+        raise DiffpruneError("each method may be listed once in --methods")
+    by_label = {e.label: e for e in entries}
+    for item in settings:
+        if "=" not in item:
+            raise DiffpruneError(f"--set expects [METHOD.]key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        target, _, name = key.rpartition(".")
+        if target and target not in by_label:
+            raise DiffpruneError(f"--set {item!r}: {target!r} is not one of the compared methods "
+                                 f"({', '.join(by_label)})")
+        for entry in ([by_label[target]] if target else entries):
+            entry.options[name.replace("-", "_")] = value
+    return entries
+
+
+def train_command(entry: Entry, run_dir: Path, common: list[str], resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "diffprune", "train", "--method", entry.method, "--output-dir", str(run_dir),
+           "--no-progress", *common]
+    for key, value in entry.options.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def run_all(entries: list[Entry], out: Path, common: list[str]) -> list[dict]:
+    """Train what is missing (one process each), then collect every run; returns the table rows."""
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for number, entry in enumerate(entries, 1):
+        run_dir = runs / entry.label
+        log_path = runs / f"{entry.label}.log"
+        if (run_dir / "metrics.json").exists():
+            print(f"[{number}/{len(entries)}] {entry.label}: finished earlier, reused", flush=True)
+        else:
+            resume = run_dir.exists() and any(run_dir.iterdir())
+            print(f"[{number}/{len(entries)}] {entry.label}: {'resuming' if resume else 'training'} "
+                  f"(log: {log_path})", flush=True)
+            start = time.perf_counter()
+            with open(log_path, "a") as log:
+                code = subprocess.call(train_command(entry, run_dir, common, resume), stdout=log,
+                                       stderr=subprocess.STDOUT)
+            if code != 0:
+                print(f"    FAILED with exit code {code}; last line: {_last_line(log_path)}", flush=True)
+            else:
+                print(f"    done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+        rows.append(collect(entry, run_dir))
+        write_outputs(rows, out)
+    return rows
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "(empty log)"
+
+
+def collect(entry: Entry, run_dir: Path) -> dict:
+    """One table row from a finished run directory (a row with status 'failed' if it did not finish)."""
+    row = {"method": entry.label, "status": "failed"}
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return row
+    m = json.loads(path.read_text())
+    st = m.get("storage", {})
+    phases = m["phases"].values()
+    seconds = sum(p["train"]["seconds"] for p in phases)
+    steps = sum(p["train"]["steps"] for p in phases)
+    row.update(status="ok", task=m["task"], main_metric=m["main_metric"],
+               task_params=st.get("task_params"), task_params_pct=st.get("task_params_pct"),
+               stored_bytes=st.get("stored_bytes"), sparsity=st.get("sparsity"),
+               train_seconds=round(seconds, 1), steps=steps,
+               seconds_per_step=round(seconds / steps, 4) if steps else None,
+               peak_rss_mb=max(p["train"]["peak_rss_mb"] for p in phases))
+    for split, values in m["final"].items():
+        for key, value in values.items():
+            if key not in ("loss", "main") and isinstance(value, (int, float)):
+                row[f"{split}_{key}"] = value
+        row.setdefault("dev_main", values.get("main", values.get(m["main_metric"])))
+    return row
+
+
+def _ratio(row: dict, ref: dict | None, key: str) -> float | None:
+    if not ref or row.get(key) is None or not ref.get(key):
+        return None
+    return row[key] / ref[key]
+
+
+def write_outputs(rows: list[dict], out: Path) -> None:
+    """comparison.md, comparison.csv and comparison.png from the rows so far (atomic writes)."""
+    ref = next((r for r in rows if r["method"] == "full" and r["status"] == "ok"), None)
+    metric_keys = sorted({k for r in rows for k in r if k.startswith(("dev", "validation", "test"))
+                          and k != "dev_main"})
+    for r in rows:
+        r["time_vs_full"] = _ratio(r, ref, "seconds_per_step")
+        r["memory_vs_full"] = _ratio(r, ref, "peak_rss_mb")
+    columns = (["method", "status", "task_params", "task_params_pct", "stored_bytes", *metric_keys, "train_seconds",
+                "steps", "seconds_per_step", "time_vs_full", "peak_rss_mb", "memory_vs_full"])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "comparison.csv", buf.getvalue())
+    atomic_write_text(out / "comparison.md", markdown(rows, metric_keys))
+    if any(r["status"] == "ok" for r in rows):
+        plot(rows, out / "comparison.png")
+
+
+def _fmt(value, kind: str = "") -> str:
+    if value is None:
+        return "–"
+    if kind == "pct":
+        return f"{value:.3f}%" if value < 10 else f"{value:.1f}%"
+    if kind == "metric":
+        return f"{100 * value:.1f}"
+    if kind == "ratio":
+        return f"{value:.2f}x"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict], metric_keys: list[str]) -> str:
+    task = next((r["task"] for r in rows if r.get("task")), "?")
+    head = (["method", "params/task", "% of base", "stored bytes"] + [k.replace("_", " ") for k in metric_keys]
+            + ["train s", "s/step", "time vs full", "peak MiB", "memory vs full"])
+    lines = [f"Task: {task}. Metrics ×100 on the dev split(s); params/task = everything stored for the task "
+             "(nonzeros + dense tensors, head included).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | failed (see runs/{r['method']}.log) |" + " |" * (len(head) - 2))
+            continue
+        cells = [r["method"], _fmt(r["task_params"]), _fmt(r["task_params_pct"], "pct"), _fmt(r["stored_bytes"])]
+        cells += [_fmt(r.get(k), "metric") for k in metric_keys]
+        cells += [_fmt(r["train_seconds"]), _fmt(r["seconds_per_step"]), _fmt(r["time_vs_full"], "ratio"),
+                  _fmt(round(r["peak_rss_mb"])), _fmt(r["memory_vs_full"], "ratio")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Dev main metric against stored bytes per task (log x), one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r.get("stored_bytes") and r.get("dev_main") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in ok:
+        ax.scatter(r["stored_bytes"], 100 * r["dev_main"], s=40)
+        ax.annotate(r["method"], (r["stored_bytes"], 100 * r["dev_main"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored bytes per task (log scale)")
+    main = next((r["main_metric"] for r in ok), "metric")
+    ax.set_ylabel(f"dev {main} (×100)")
+    ax.set_title(f"{next((r['task'] for r in ok), '')}: accuracy against storage")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def known_labels() -> list[str]:
+    from .methods import _load_all  # noqa: F401
+
+    return sorted(set(METHODS) | set(ALIASES))
