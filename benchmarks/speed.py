@@ -1,6 +1,7 @@
 """Time per training step and peak memory: full finetuning vs Diff Pruning's L0 and fixed-mask phases.
 
     python benchmarks/speed.py [--model minilm] [--batch 32] [--length 64] [--steps 8] [--rounds 2]
+    python benchmarks/speed.py --modes full,bitfit,lora,adapter-houlsby,lt-sft:fixed_mask   # any methods
 
 Each configuration runs in its own process (so peak memory is its own), with the real method plug-ins
 and the same fused AdamW the trainer uses; rounds alternate the configurations so that machine noise
@@ -25,6 +26,9 @@ def rss_mb() -> float:
 
 
 def worker(mode: str, model_name: str, batch: int, length: int, steps: int) -> dict:
+    """Time `steps` training steps of one method phase. `mode` is a method name (its first phase), or
+    METHOD:PHASE (earlier phases are set up and ended without training), or one of the Diff Pruning
+    shorthands l0, l0-structured, fixed_mask."""
     import torch
 
     from diffprune.methods import get_method, make_config
@@ -33,22 +37,27 @@ def worker(mode: str, model_name: str, batch: int, length: int, steps: int) -> d
 
     torch.manual_seed(0)
     model, _, head = load_model(model_name, 2, ["0", "1"], tokenizer=False)
-    if mode == "full":
-        method = get_method("full")(make_config(get_method("full"), {}), model, head)
-        spec = method.build_phase("finetune")
-    else:
-        cls = get_method("diff-pruning")
-        method = cls(make_config(cls, {"structured": mode == "l0-structured"}), model, head)
-        spec = method.build_phase("l0")
-        if mode == "fixed_mask":
-            with torch.no_grad():
-                spec.model.source.w.normal_()
-            method.end_phase("l0")
-            spec = method.build_phase("fixed_mask")
-    module = spec.model.train()
-    opt = make_adamw([{"params": g.params, "lr": g.lr, "weight_decay": 0.0, "eps": g.eps} for g in spec.groups])
+    shorthand = {"l0": ("diff-pruning", "l0", {}), "l0-structured": ("diff-pruning", "l0", {"structured": True}),
+                 "fixed_mask": ("diff-pruning", "fixed_mask", {})}
+    name, _, phase = mode.partition(":")
+    name, phase, options = shorthand.get(mode, (name, phase, {}))
+    cls = get_method(name)
+    method = cls(make_config(cls, options), model, head)
     ids = torch.randint(1000, model.config.vocab_size, (batch, length))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch,))}
+    examples = [{k: v[i] for k, v in inputs.items()} for i in range(batch)]
+    method.prepare(examples, lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+    phase = phase or method.phases[0]
+    for earlier in method.phases[: method.phases.index(phase)]:
+        spec = method.build_phase(earlier)
+        source = getattr(spec.model, "source", None)
+        if source is not None and hasattr(source, "w"):  # give the projection something to choose from
+            with torch.no_grad():
+                source.w.normal_()
+        method.end_phase(earlier)
+    spec = method.build_phase(phase)
+    module = spec.model.train()
+    opt = make_adamw([{"params": g.params, "lr": g.lr, "weight_decay": 0.0, "eps": g.eps} for g in spec.groups])
     base_rss = rss_mb()
 
     def step():
