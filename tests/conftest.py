@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+# Tiny models: one thread is faster than two (thread hand-off dominates ops this small, badly so on a
+# loaded machine), and it makes the suite's timing independent of the core count.
+torch.set_num_threads(1)
 from transformers import (
     AutoTokenizer,
     BertConfig,

@@ -1,4 +1,4 @@
-"""The `diffprune` command line: train, eval, inspect, merge, compare, importance.
+"""The `diffprune` command line: train, eval, inspect, merge, compare, importance, sweep, report.
 
     diffprune train --model minilm --task rte --data-dir ../shared/data/glue --method diff-pruning \
         --structured --sparsity 0.005 --output-dir runs/rte
@@ -7,6 +7,8 @@
     diffprune merge runs/rte --output merged/
     diffprune compare --task rte --data-dir ../shared/data/glue --methods full,bitfit,lora --output-dir cmp/
     diffprune importance --task rte --data-dir ../shared/data/glue --output heads/
+    diffprune sweep --tasks rte,mrpc --data-dir ../shared/data/glue --sparsities 0.001,0.005 --output-dir sw/
+    diffprune report sw/ --output sw/report
 A user mistake prints one line `diffprune: error: …` and exits with status 2.
 """
 from __future__ import annotations
@@ -157,7 +159,12 @@ def cmd_merge(args) -> int:
     model, tokenizer, _ = load_model(args.base_model or diff.base_model, num_labels, diff.label_names)
     model = method.attach(model, diff.config)
     out = merge_diff(model, diff, args.output, tokenizer, fold=method.fold)
-    print(f"merged model written to {out} (loads with AutoModelForSequenceClassification.from_pretrained)")
+    from .heads import pruned_heads_of
+
+    if pruned_heads_of(model.config):
+        print(f"merged model written to {out} (head-pruned: load it with diffprune.heads.load_pruned('{out}'))")
+    else:
+        print(f"merged model written to {out} (loads with AutoModelForSequenceClassification.from_pretrained)")
     return 0
 
 
@@ -201,6 +208,59 @@ def cmd_importance(args) -> int:
         print(f"  … {len(ranking) - args.show} more in {result['files'].get('json')}")
     print("written: " + ", ".join(str(p) for p in result["files"].values()))
     return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    result = build_report(args.runs, args.output)
+    out = Path(args.output)
+    print(f"{result['info']['num_runs']} runs; claims:")
+    for claim in result["claims"]:
+        print(f"  {claim['status']:<15} {claim['claim']}")
+    print(f"report: {out / 'report.md'}  numbers: {out / 'report.json'}  figures: "
+          + (", ".join(str(out / name) for name in result["figures"].values()) or "none"))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    import copy
+
+    from .sweep import DEFAULT_SPARSITIES, DEFAULT_SWEEP_METHODS, grid_labels, parse_sparsities, run_sweep
+
+    tasks = [t.strip() for t in (args.tasks or args.task or "").split(",") if t.strip()]
+    if not tasks:
+        raise DiffpruneError("--tasks is required, e.g. --tasks rte,mrpc")
+    if args.train_file and len(tasks) != 1:
+        raise DiffpruneError("--train-file data is one task: give a single name in --tasks")
+    if args.epochs <= 0:
+        raise DiffpruneError(f"--epochs must be positive, got {args.epochs}")
+    specs = {}
+    for task in tasks:  # every task is checked before any run starts
+        task_args = copy.copy(args)
+        task_args.task = task
+        specs[task] = task_spec(task_args)
+    methods = [m.strip() for m in (args.methods or ",".join(DEFAULT_SWEEP_METHODS)).split(",") if m.strip()]
+    sparsities = parse_sparsities(args.sparsities) if args.sparsities else list(DEFAULT_SPARSITIES)
+    labels = grid_labels(methods, sparsities)
+
+    def common_for(task: str) -> list[str]:
+        common = ["--model", args.model, "--task", specs[task].name, "--batch-size", str(args.batch_size),
+                  "--max-length", str(args.max_length), "--seed", str(args.seed), "--warmup", str(args.warmup)]
+        for flag, value in (("--data-dir", args.data_dir), ("--train-file", args.train_file),
+                            ("--dev-file", args.dev_file), ("--text-columns", args.text_columns),
+                            ("--max-train-samples", args.max_train_samples),
+                            ("--max-eval-samples", args.max_eval_samples)):
+            if value is not None:
+                common += [flag, str(value)]
+        if args.train_file:
+            common += ["--label-column", args.label_column] + (["--regression"] if args.regression else [])
+        return common
+
+    out = Path(args.output_dir)
+    ok = run_sweep(tasks, labels, args.set or [], args.epochs, common_for, out)
+    print(f"tables per task: {out}/<task>/comparison.md   report: {out / 'report' / 'report.md'}")
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +336,29 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=42)
     h.add_argument("--show", type=int, default=10, help="ranking lines printed")
     h.set_defaults(func=cmd_importance)
+
+    s = sub.add_parser("sweep", help="methods × sparsities × tasks through compare, then the report")
+    s.add_argument("--tasks", help="comma-separated GLUE tasks, e.g. rte,mrpc (one name for --train-file data)")
+    s.add_argument("--model", default="minilm")
+    add_task_args(s)
+    s.add_argument("--methods", help="comma-separated methods (default: full,diff-pruning,"
+                                     "diff-pruning-structured); those with a sparsity run at each --sparsities")
+    s.add_argument("--sparsities", help="shares kept by the sparse methods (default 0.001,0.0025,0.005,0.01)")
+    s.add_argument("--output-dir", required=True, help="OUT/<task>/runs/<label>/ per run, OUT/report/ at the end")
+    s.add_argument("--epochs", type=float, default=3.0, help="total epochs per run (split over phases)")
+    s.add_argument("--set", action="append", metavar="[METHOD.]KEY=VALUE",
+                   help="method option for all runs, or one method at every sparsity (e.g. lt-sft.lr=1e-4)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--max-length", type=int, default=128)
+    s.add_argument("--max-train-samples", type=int)
+    s.add_argument("--warmup", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=42)
+    s.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("report", help="the paper's tables, figures and claims from finished runs")
+    r.add_argument("runs", nargs="+", help="run directories, or folders holding runs (compare/sweep outputs)")
+    r.add_argument("--output", required=True, help="directory for report.md, report.json and the PNGs")
+    r.set_defaults(func=cmd_report)
     return parser
 
 
