@@ -14,7 +14,7 @@ TASKS=${*:-rte mrpc}
 PY=${PY:-.venv/bin/python}
 MAX_TRAIN=${MAX_TRAIN:-1000}
 EPOCHS=${EPOCHS:-3}
-METHODS=${METHODS:-full,last-layer,bitfit,adapter-houlsby,adapter-pfeiffer,lora,non-adaptive-diff-pruning,lt-sft,diff-pruning,diff-pruning-structured}
+METHODS=${METHODS:-full,diff-pruning-structured,diff-pruning,bitfit,lora,adapter-houlsby,adapter-pfeiffer,non-adaptive-diff-pruning,lt-sft,last-layer}
 for task in $TASKS; do
   $PY -m diffprune compare --model minilm --task "$task" --data-dir "$GLUE" --output-dir "$OUT/$task" \
     --methods "$METHODS" --epochs "$EPOCHS" --max-train-samples "$MAX_TRAIN" --batch-size 32 --max-length 128 \

@@ -4,6 +4,8 @@ Each method runs as its own `diffprune train` process in OUT/runs/<label>/ (so i
 own), with the same data, seed, batch size and total number of epochs; a two-phase method splits the
 epochs between its phases (`Method.budget`). A run that already finished (metrics.json present) is
 reused and an interrupted one continues with --resume, so a stopped comparison picks up where it was.
+A label `METHOD@SPARSITY` (`lt-sft@0.0025`, `diff-pruning-structured@0.001`) runs that method with that
+sparsity, in OUT/runs/<label>/; `--set METHOD.key=value` reaches every sparsity of METHOD.
 
 Results: OUT/comparison.md (Markdown), OUT/comparison.csv and OUT/comparison.png (dev metric against
 stored bytes per task, log scale), each written atomically after every finished run.
@@ -16,7 +18,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import DiffpruneError
@@ -41,17 +43,24 @@ class Entry:
 
 def parse_entries(labels: list[str], settings: list[str], epochs: float) -> list[Entry]:
     """Methods to compare, with the shared budget and `--set [LABEL.]key=value` options applied."""
-    entries = []
+    entries, label_sparsity = [], {}
     for label in labels:
-        if label in ALIASES:
-            method, options = ALIASES[label]
+        name, sparsity = split_label(label)
+        if name in ALIASES:
+            method, options = ALIASES[name]
         else:
-            get_method(label)  # unknown names fail here, with a did-you-mean over methods
-            method, options = label, {}
+            get_method(name)  # unknown names fail here, with a did-you-mean over methods
+            method, options = name, {}
+        if sparsity is not None:
+            check_sparsity_option(label, method)
+            label_sparsity[label] = sparsity
         entries.append(Entry(label, method, {**get_method(method).budget(epochs), **options}))
     if len({e.label for e in entries}) != len(entries):
         raise DiffpruneError("each method may be listed once in --methods")
     by_label = {e.label: e for e in entries}
+    by_name: dict[str, list[Entry]] = {}  # `--set lt-sft.lr=…` reaches every lt-sft@SPARSITY entry too
+    for e in entries:
+        by_name.setdefault(split_label(e.label)[0], []).append(e)
     for item in settings:
         if "=" not in item:
             raise DiffpruneError(f"--set expects [METHOD.]key=value, got {item!r}")
@@ -61,12 +70,40 @@ def parse_entries(labels: list[str], settings: list[str], epochs: float) -> list
         except json.JSONDecodeError:
             pass
         target, _, name = key.rpartition(".")
-        if target and target not in by_label:
+        if target and target not in by_label and target not in by_name:
             raise DiffpruneError(f"--set {item!r}: {target!r} is not one of the compared methods "
                                  f"({', '.join(by_label)})")
-        for entry in ([by_label[target]] if target else entries):
+        for entry in (([by_label[target]] if target in by_label else by_name[target]) if target else entries):
             entry.options[name.replace("-", "_")] = value
+    for entry in entries:  # the sparsity in a label wins over --set, so a run is what its label says
+        if entry.label in label_sparsity:
+            entry.options["sparsity"] = label_sparsity[entry.label]
     return entries
+
+
+def split_label(label: str) -> tuple[str, float | None]:
+    """`METHOD@SPARSITY` → (METHOD, sparsity); a plain label → (label, None).
+
+    The sparsity is the share of diff-pruned entries kept, as for --sparsity: `lt-sft@0.0025` keeps 0.25%.
+    """
+    if "@" not in label:
+        return label, None
+    name, _, text = label.partition("@")
+    try:
+        sparsity = float(text)
+    except ValueError:
+        raise DiffpruneError(f"{label!r}: the part after '@' must be a sparsity such as 0.005 (0.5%), "
+                             f"got {text!r}") from None
+    if not 0.0 < sparsity <= 1.0:
+        raise DiffpruneError(f"{label!r}: the sparsity after '@' is the share of entries kept, in (0, 1], "
+                             f"got {text} (0.005 keeps 0.5%)")
+    return name, sparsity
+
+
+def check_sparsity_option(label: str, method: str) -> None:
+    if "sparsity" not in {f.name for f in fields(get_method(method).config_class)}:
+        raise DiffpruneError(f"{label!r}: method {method} has no sparsity option, so it takes no '@SPARSITY' "
+                             "(list it without one)")
 
 
 def train_command(entry: Entry, run_dir: Path, common: list[str], resume: bool) -> list[str]:

@@ -40,9 +40,13 @@ class FixedMaskMixin:
             name = self.layout.names[i]
             sparse[name] = SparseDelta(tuple(self.layout.shapes[i]), local.detach().clone(),
                                        values.detach().float().clone())
+        # Every diff-pruned tensor with its size, stored or not: a tensor left entirely at zero has no
+        # sparse entry, and the report counts such untouched groups (the paper's Table 3).
+        diff_tensors = dict(zip(self.layout.names, self.layout.numels))
         return TaskDiff(method=self.name, base_model="", task="", label_names=None,
                         config=self.config.to_dict(), sparse=sparse, dense=self.head_state(),
-                        extra={"num_diff_params": self.layout.total, "diff_param_names": self.names})
+                        extra={"num_diff_params": self.layout.total, "diff_param_names": self.names,
+                               "diff_tensors": diff_tensors})
 
     def restore(self, diff: TaskDiff) -> None:
         offsets = dict(zip(self.layout.names, self.layout.offsets))
