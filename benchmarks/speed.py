@@ -63,7 +63,7 @@ def worker(mode: str, model_name: str, batch: int, length: int, steps: int) -> d
     def step():
         loss = module(**inputs).loss
         if spec.penalty is not None:
-            loss = loss + spec.penalty()
+            loss = loss + spec.penalty(1.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in spec.groups for p in g.params], 1.0)
         opt.step()

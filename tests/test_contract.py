@@ -77,7 +77,7 @@ def run_phase(spec, batch, n=8, lr=1e-2):
         loss = model(**batch, labels=LABELS).loss
         losses.append(float(loss.detach()))
         if spec.penalty is not None:
-            loss = loss + spec.penalty()
+            loss = loss + spec.penalty(1.0)
         loss.backward()
         opt.step()
     with torch.no_grad():

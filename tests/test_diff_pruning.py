@@ -168,3 +168,18 @@ def test_row_gating_is_off_for_tied_embeddings():
                                        num_attention_heads=2, intermediate_size=32, tie_word_embeddings=True))
     source = L0Diff(layout_for(model, select_parameters(model, [])))
     assert DeltaModel(model, source, []).__dict__["_rows"] is None
+
+
+def test_l0_warmup_ramps_lambda_and_is_validated():
+    from diffprune.errors import DiffpruneError
+
+    model = make_tiny("bert")
+    head = head_names_by_convention(model)
+    cls = get_method("diff-pruning")
+    method = cls(make_config(cls, {"l0_lambda": 2.0, "l0_warmup": 0.5}), model, head)
+    assert [method.l0_weight(p) for p in (0.0, 0.25, 0.5, 0.9)] == [0.0, 1.0, 2.0, 2.0]
+    spec = method.build_phase("l0")
+    expected = 2.0 * float(spec.model.source.expected_l0())
+    assert float(spec.penalty(0.0)) == 0.0 and float(spec.penalty(1.0)) == pytest.approx(expected)
+    with pytest.raises(DiffpruneError, match="l0_warmup"):
+        make_config(cls, {"l0_warmup": 1.0})

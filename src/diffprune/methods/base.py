@@ -44,7 +44,8 @@ class PhaseSpec:
     model: nn.Module                       # forward(**batch) -> HF output with .loss and .logits
     groups: list[ParamGroup]
     epochs: float
-    penalty: Callable[[], Tensor] | None = None        # added to the task loss (λ·E‖δ‖₀)
+    # added to the task loss (λ·E‖δ‖₀); called with the share of the phase's steps done so far, in [0, 1]
+    penalty: Callable[[float], Tensor] | None = None
     stats: Callable[[], dict[str, float]] | None = None  # extra values logged with the loss
 
 

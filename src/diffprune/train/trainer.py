@@ -84,7 +84,8 @@ class PhaseTrainer(Trainer):
             self._task_loss_sum += float(loss.detach())
             self._loss_count += 1
             if self.phase.penalty is not None:
-                penalty = self.phase.penalty()
+                progress = self.state.global_step / max(1, self.state.max_steps or 1)
+                penalty = self.phase.penalty(progress)
                 self._penalty_sum += float(penalty.detach())
                 loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
