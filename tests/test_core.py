@@ -165,3 +165,19 @@ def test_fixed_mask_segments_and_dense():
     assert fm.dense().tolist() == [0, 1, 0, 2, 0, 0, 0, 3, 4]
     with pytest.raises(ValueError):
         FixedMaskDiff(layout, torch.tensor([3, 1]))
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_expected_l0_matches_autograd_reference(structured):
+    torch.manual_seed(0)
+    sizes = [5, 17, 1, 30]
+    a = (torch.randn(53, dtype=torch.double) * 3).requires_grad_()
+    g = torch.randn(4, dtype=torch.double, requires_grad=True) if structured else None
+    args = (g, sizes) if structured else (None, None)
+    got = hc.expected_l0(a, -1.5, 1.5, *args)
+    ref = hc.expected_l0_reference(a, -1.5, 1.5, *args)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+    inputs = (a, g) if structured else (a,)
+    torch.testing.assert_close(torch.autograd.grad(3 * got, inputs), torch.autograd.grad(3 * ref, inputs))
+    fn = (lambda a, g: hc.expected_l0(a, -1.5, 1.5, g, sizes)) if structured else (lambda a: hc.expected_l0(a))
+    assert torch.autograd.gradcheck(fn, inputs)

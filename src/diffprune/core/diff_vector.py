@@ -158,7 +158,7 @@ class L0Diff(nn.Module):
     def expected_l0(self) -> Tensor:
         """E‖δ‖₀ (a differentiable scalar)."""
         return hc.expected_l0(self.log_alpha, self.left, self.right, self.group_log_alpha,
-                              self.group_sizes if self.structured else None)
+                              self.layout.numels if self.structured else None)
 
     @torch.no_grad()
     def keep_probability(self) -> Tensor:
