@@ -1,4 +1,5 @@
-"""Prune-LoRA (seed 003, "Task-oriented Memory-efficient Pruning-Adapter") and plain head pruning.
+"""Prune-LoRA (seed 003, "Task-oriented Memory-efficient Pruning-Adapter"); plain head pruning (in
+`head_pruning.py`) shares its machinery.
 
 `prune-lora` follows docs METHODS.md "Prune-LoRA", in three steps that all happen in `prepare()`, before
 training, on the task's own data:
@@ -48,7 +49,6 @@ from ..heads.importance import head_importance
 from ..heads.surgery import get_arch, prune_heads, pruned_heads_of, select_heads_to_prune, transformer_layers
 from ..storage import TaskDiff
 from .base import Method, MethodConfig, PhaseSpec, register
-from .full import FullFinetune
 from .lora import LoRA, LoRAConfig, _check_rank, is_lora_param, lora_layers, peft_config
 
 log = logging.getLogger("diffprune")
@@ -140,29 +140,6 @@ class PruneLoRAConfig(_LoRAOptions):
             raise DiffpruneError(f"top_blocks must be a non-negative integer (or unset for a third of the "
                                  f"layers), got {k!r}")
         self.lora_config(self.r_low)  # validates alpha, dropout, targets, init
-
-
-@dataclass
-class HeadPruningConfig(_LoRAOptions):
-    finetune: str = "full"  # after pruning: "full" (every remaining parameter) or "lora" (uniform rank)
-    # None: the default of the matching unpruned method, so head-pruning is exactly its ablation:
-    # full 5e-5 / 0.0 (full.py), lora 5e-4 / 0.1 (lora.py)
-    lr: float | None = None
-    weight_decay: float | None = None
-    rank: int = 8                  # LoRA rank of every adapted matrix (finetune "lora" only)
-    train_layernorm: bool = False  # finetune "lora" only, as in the plain lora method
-
-    def __post_init__(self):
-        if self.finetune not in FINETUNE_MODES:
-            raise DiffpruneError(f"finetune must be one of {', '.join(FINETUNE_MODES)}, got {self.finetune!r}")
-        full = self.finetune == "full"
-        if self.lr is None:
-            self.lr = MethodConfig.lr if full else LoRAConfig.lr
-        if self.weight_decay is None:
-            self.weight_decay = MethodConfig.weight_decay if full else LoRAConfig.weight_decay
-        super().__post_init__()
-        if not full:
-            self.lora_config(self.rank)  # validates rank, alpha, dropout, targets, init
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -399,32 +376,6 @@ class PruneLoRA(_PrunedMethod):
         return c.lora_config(c.r_low, config["lora_targets"], config.get("rank_pattern") or {}).to_dict()
 
 
-@register
-class HeadPruning(_PrunedMethod):
-    """Importance-oriented head pruning, then full finetuning or uniform-rank LoRA."""
-    name = "head-pruning"
-    config_class = HeadPruningConfig
-
-    def _build_inner(self) -> Method:
-        c: HeadPruningConfig = self.config
-        if c.finetune == "full":
-            inner = MethodConfig(lr=c.lr, head_lr=c.head_lr, weight_decay=c.weight_decay, epochs=c.epochs)
-            return FullFinetune(inner, self.model, self.head_names)
-        modules = adaptable_modules(self.model, c.targets)
-        if not modules:
-            raise DiffpruneError("head-pruning: every head was pruned, so LoRA has nothing to adapt")
-        self.layout = {"lora_targets": modules, "rank_pattern": {}}
-        return LoRA(c.lora_config(c.rank, modules), self.model, self.head_names)
-
-    @classmethod
-    def _stored_lora(cls, config: dict[str, Any]) -> dict[str, Any] | None:
-        if config.get("finetune", "full") != "lora":
-            return None
-        known = {k: v for k, v in config.items() if k in HeadPruningConfig.__dataclass_fields__}
-        c = HeadPruningConfig.from_dict(known)
-        return c.lora_config(c.rank, config["lora_targets"]).to_dict()
-
-
-__all__ = ["PruneLoRA", "PruneLoRAConfig", "HeadPruning", "HeadPruningConfig", "HeadPruneOptions",
+__all__ = ["PruneLoRA", "PruneLoRAConfig", "HeadPruneOptions",
            "importance_batches", "adaptable_modules", "block_importance", "top_layers", "rank_pattern_for",
            "DEFAULT_PRUNE_FRACTION"]
