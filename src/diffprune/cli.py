@@ -168,6 +168,21 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def train_flags(args, task: str) -> list[str]:
+    """The `diffprune train` flags shared by every run that `compare` or `sweep` starts for `task`."""
+    flags = ["--model", args.model, "--task", task, "--batch-size", str(args.batch_size),
+             "--max-length", str(args.max_length), "--seed", str(args.seed), "--warmup", str(args.warmup)]
+    for flag, value in (("--data-dir", args.data_dir), ("--train-file", args.train_file),
+                        ("--dev-file", args.dev_file), ("--text-columns", args.text_columns),
+                        ("--max-train-samples", args.max_train_samples),
+                        ("--max-eval-samples", args.max_eval_samples)):
+        if value is not None:
+            flags += [flag, str(value)]
+    if args.train_file:
+        flags += ["--label-column", args.label_column] + (["--regression"] if args.regression else [])
+    return flags
+
+
 def cmd_compare(args) -> int:
     from .compare import DEFAULT_METHODS, parse_entries, run_all
 
@@ -176,16 +191,7 @@ def cmd_compare(args) -> int:
         raise DiffpruneError(f"--epochs must be positive, got {args.epochs}")
     labels = [m.strip() for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
     entries = parse_entries(labels, args.set or [], args.epochs)
-    common = ["--model", args.model, "--task", spec.name, "--batch-size", str(args.batch_size),
-              "--max-length", str(args.max_length), "--seed", str(args.seed), "--warmup", str(args.warmup)]
-    for flag, value in (("--data-dir", args.data_dir), ("--train-file", args.train_file),
-                        ("--dev-file", args.dev_file), ("--text-columns", args.text_columns),
-                        ("--max-train-samples", args.max_train_samples),
-                        ("--max-eval-samples", args.max_eval_samples)):
-        if value is not None:
-            common += [flag, str(value)]
-    if args.train_file:
-        common += ["--label-column", args.label_column] + (["--regression"] if args.regression else [])
+    common = train_flags(args, spec.name)
     out = Path(args.output_dir)
     rows = run_all(entries, out, common)
     print()
@@ -245,22 +251,23 @@ def cmd_sweep(args) -> int:
     labels = grid_labels(methods, sparsities)
 
     def common_for(task: str) -> list[str]:
-        common = ["--model", args.model, "--task", specs[task].name, "--batch-size", str(args.batch_size),
-                  "--max-length", str(args.max_length), "--seed", str(args.seed), "--warmup", str(args.warmup)]
-        for flag, value in (("--data-dir", args.data_dir), ("--train-file", args.train_file),
-                            ("--dev-file", args.dev_file), ("--text-columns", args.text_columns),
-                            ("--max-train-samples", args.max_train_samples),
-                            ("--max-eval-samples", args.max_eval_samples)):
-            if value is not None:
-                common += [flag, str(value)]
-        if args.train_file:
-            common += ["--label-column", args.label_column] + (["--regression"] if args.regression else [])
-        return common
+        return train_flags(args, specs[task].name)
 
     out = Path(args.output_dir)
     ok = run_sweep(tasks, labels, args.set or [], args.epochs, common_for, out)
     print(f"tables per task: {out}/<task>/comparison.md   report: {out / 'report' / 'report.md'}")
     return 0 if ok else 1
+
+
+def add_budget_args(p: argparse.ArgumentParser, set_help: str) -> None:
+    """The shared budget of every run that `compare` and `sweep` start, and per-method options."""
+    p.add_argument("--epochs", type=float, default=3.0, help="total epochs per run (split over phases)")
+    p.add_argument("--set", action="append", metavar="[METHOD.]KEY=VALUE", help=set_help)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-train-samples", type=int)
+    p.add_argument("--warmup", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=42)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,14 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_args(c)
     c.add_argument("--methods", help="comma-separated methods (default: all); also diff-pruning-structured")
     c.add_argument("--output-dir", required=True, help="runs go to OUT/runs/<method>; finished ones are reused")
-    c.add_argument("--epochs", type=float, default=3.0, help="total epochs per method (split over phases)")
-    c.add_argument("--set", action="append", metavar="[METHOD.]KEY=VALUE",
-                   help="method option for all methods, or one (e.g. lora.lr=5e-4)")
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--max-length", type=int, default=128)
-    c.add_argument("--max-train-samples", type=int)
-    c.add_argument("--warmup", type=float, default=0.0)
-    c.add_argument("--seed", type=int, default=42)
+    add_budget_args(c, "method option for all methods, or one (e.g. lora.lr=5e-4)")
     c.set_defaults(func=cmd_compare)
 
     h = sub.add_parser("importance", help="task-oriented attention-head importance (scores, ranking, heatmap)")
@@ -345,14 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "diff-pruning-structured); those with a sparsity run at each --sparsities")
     s.add_argument("--sparsities", help="shares kept by the sparse methods (default 0.001,0.0025,0.005,0.01)")
     s.add_argument("--output-dir", required=True, help="OUT/<task>/runs/<label>/ per run, OUT/report/ at the end")
-    s.add_argument("--epochs", type=float, default=3.0, help="total epochs per run (split over phases)")
-    s.add_argument("--set", action="append", metavar="[METHOD.]KEY=VALUE",
-                   help="method option for all runs, or one method at every sparsity (e.g. lt-sft.lr=1e-4)")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--max-length", type=int, default=128)
-    s.add_argument("--max-train-samples", type=int)
-    s.add_argument("--warmup", type=float, default=0.0)
-    s.add_argument("--seed", type=int, default=42)
+    add_budget_args(s, "method option for all runs, or one method at every sparsity (e.g. lt-sft.lr=1e-4)")
     s.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="the paper's tables, figures and claims from finished runs")
