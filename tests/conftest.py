@@ -54,6 +54,23 @@ def make_tiny(arch: str = "bert", num_labels: int = 2, vocab_size: int = 128, se
     return model.eval()
 
 
+def phase_steps(spec, batch, labels, n: int = 15, lr: float = 1e-2) -> list[float]:
+    """n AdamW steps on a method phase's optimizer groups over one fixed batch; the loss before each step
+    and after the last. Eval mode: no dropout, so the loss is deterministic."""
+    model = spec.model.eval()
+    opt = torch.optim.AdamW([{"params": g.params} for g in spec.groups], lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(n):
+        opt.zero_grad()
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        losses.append(float(model(**batch, labels=labels).loss))
+    return losses
+
+
 def random_batch(model, batch: int = 3, length: int = 7, seed: int = 1):
     """Random token ids (no padding) valid for `model`'s vocabulary."""
     g = torch.Generator().manual_seed(seed)

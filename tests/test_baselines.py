@@ -3,7 +3,7 @@ what trains, that training works, and export → save → load → apply parity.
 import pytest
 import torch
 
-from conftest import make_tiny, random_batch
+from conftest import make_tiny, random_batch, phase_steps
 from diffprune.errors import DiffpruneError
 from diffprune.methods import get_method, make_config
 from diffprune.models import head_names_by_convention
@@ -30,19 +30,7 @@ def n_trainable(spec):
 
 
 def steps(spec, batch, n=20, lr=1e-2):
-    """n AdamW steps on the phase's groups (eval mode: no dropout, so the loss is deterministic)."""
-    model = spec.model.eval()
-    opt = torch.optim.AdamW([{"params": g.params} for g in spec.groups], lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(n):
-        opt.zero_grad()
-        loss = model(**batch, labels=LABELS).loss
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    with torch.no_grad():
-        losses.append(float(model(**batch, labels=LABELS).loss))
-    return losses
+    return phase_steps(spec, batch, LABELS, n, lr)
 
 
 def roundtrip(method, model, arch, tmp_path, batch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import make_tiny, random_batch
+from conftest import make_tiny, random_batch, phase_steps
 from diffprune.errors import DiffpruneError
 from diffprune.methods import get_method, make_config
 from diffprune.models import head_names_by_convention
@@ -44,19 +44,7 @@ def expected_lora_params(arch, model, r=RANK):
 
 
 def steps(spec, batch, n=15, lr=1e-2):
-    """n AdamW steps (eval mode: no dropout, so the loss is deterministic); the losses before each and after."""
-    model = spec.model.eval()
-    opt = torch.optim.AdamW([{"params": g.params} for g in spec.groups], lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(n):
-        opt.zero_grad()
-        loss = model(**batch, labels=LABELS).loss
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    with torch.no_grad():
-        losses.append(float(model(**batch, labels=LABELS).loss))
-    return losses
+    return phase_steps(spec, batch, LABELS, n, lr)
 
 
 def logits(model, batch):

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from conftest import make_tiny, random_batch
+from conftest import make_tiny, random_batch, phase_steps
 from diffprune.errors import DiffpruneError
 from diffprune.heads import load_pruned, pruned_heads_of
 from diffprune.methods import get_method, make_config
@@ -118,18 +118,7 @@ def lora_ranks_by_layer(model):
 
 
 def steps(spec, batch, n=15, lr=1e-2):
-    model = spec.model.eval()
-    opt = torch.optim.AdamW([{"params": g.params} for g in spec.groups], lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(n):
-        opt.zero_grad()
-        loss = model(**batch, labels=LABELS).loss
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    with torch.no_grad():
-        losses.append(float(model(**batch, labels=LABELS).loss))
-    return losses
+    return phase_steps(spec, batch, LABELS, n, lr)
 
 
 def logits(model, batch):
