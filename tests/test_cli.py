@@ -143,3 +143,27 @@ def test_summary_of_a_dense_method(capsys):
                           "storage": {"nnz": 0, "num_diff_params": 0, "sparsity": None,
                                       "dense_params": 10, "stored_bytes": 40}})
     assert "10 dense parameters, 40 bytes" in capsys.readouterr().out
+
+
+def test_inspect_dense_method_reports_params_per_task(tmp_path, tiny_model_dir, data_dir, capsys):
+    """A method without a sparse diff (BitFit): stored parameters as a share of the base, no sparsity line."""
+    from transformers import AutoModelForSequenceClassification as Auto
+
+    out = tmp_path / "bitfit"
+    args = train_args(tiny_model_dir, data_dir, out, "--method", "bitfit")
+    i = args.index("--l0-epochs")  # not an option of BitFit (that would be a clear error)
+    assert main(args[:i] + args[i + 2:]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    base = Auto.from_pretrained(tiny_model_dir, num_labels=2)
+    head = {"classifier.weight", "classifier.bias"}
+    biases = sum(p.numel() for n, p in base.named_parameters() if n.endswith(".bias") and n not in head)
+    head_n = sum(p.numel() for n, p in base.named_parameters() if n in head)
+    pretrained = sum(p.numel() for n, p in base.named_parameters() if n not in head)
+    assert info["nnz"] == 0 and info["sparsity"] is None
+    assert info["task_params"] == biases + head_n and info["base_params"] == pretrained
+    assert info["task_params_pct"] == pytest.approx(100 * (biases + head_n) / pretrained)
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "parameters stored per task" in text and "sparsity" not in text
