@@ -16,15 +16,20 @@ PY=${PY:-.venv/bin/python}
 MAX_TRAIN=${MAX_TRAIN:-1000}
 EPOCHS=${EPOCHS:-3}
 METHODS=${METHODS:-full,diff-pruning-structured,diff-pruning,bitfit,lora,prune-lora,adapter-houlsby,adapter-pfeiffer,non-adaptive-diff-pruning,lt-sft,last-layer}
+# per-method options (only those of the methods being compared are passed on)
+declare -A OPTS=(
+  [full]="lr=1e-4" [last-layer]="lr=1e-4"
+  [adapter-houlsby]="lr=5e-4" [adapter-pfeiffer]="lr=5e-4"
+  [non-adaptive-diff-pruning]="lr=1e-4 fixed_lr=5e-4" [lt-sft]="lr=1e-4 fixed_lr=5e-4"
+  [diff-pruning]="lr=1e-4 fixed_lr=5e-4 l0_warmup=0.5"
+  [diff-pruning-structured]="lr=1e-4 fixed_lr=5e-4 l0_warmup=0.5"
+)
+SETS=()
+for m in ${METHODS//,/ }; do
+  for kv in ${OPTS[$m]:-}; do SETS+=(--set "$m.$kv"); done
+done
 for task in $TASKS; do
   $PY -m diffprune compare --model minilm --task "$task" --data-dir "$GLUE" --output-dir "$OUT/$task" \
     --methods "$METHODS" --epochs "$EPOCHS" --max-train-samples "$MAX_TRAIN" --batch-size 32 --max-length 128 \
-    --seed 42 \
-    --set full.lr=1e-4 --set last-layer.lr=1e-4 \
-    --set adapter-houlsby.lr=5e-4 --set adapter-pfeiffer.lr=5e-4 \
-    --set non-adaptive-diff-pruning.lr=1e-4 --set non-adaptive-diff-pruning.fixed_lr=5e-4 \
-    --set lt-sft.lr=1e-4 --set lt-sft.fixed_lr=5e-4 \
-    --set diff-pruning.lr=1e-4 --set diff-pruning.fixed_lr=5e-4 --set diff-pruning.l0_warmup=0.5 \
-    --set diff-pruning-structured.lr=1e-4 --set diff-pruning-structured.fixed_lr=5e-4 \
-    --set diff-pruning-structured.l0_warmup=0.5
+    --seed 42 "${SETS[@]}"
 done
