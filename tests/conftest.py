@@ -7,6 +7,8 @@ training pipeline can be run end to end on a real tokenizer in seconds.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -69,6 +71,46 @@ def phase_steps(spec, batch, labels, n: int = 15, lr: float = 1e-2) -> list[floa
     with torch.no_grad():
         losses.append(float(model(**batch, labels=labels).loss))
     return losses
+
+
+@contextlib.contextmanager
+def crash_at_step(monkeypatch, step: int):
+    """Make the `step`-th training step of the pipeline raise (a simulated crash) inside the block, which must
+    then raise it; the real training step is back afterwards, ready for a --resume."""
+    from diffprune.train import pipeline
+
+    original, calls = pipeline.PhaseTrainer.training_step, {"n": 0}
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("simulated crash")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", crashing_step)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+    finally:
+        monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", original)
+
+
+def assert_eval_reproduces(model, tokenizer, spec, run_dir, work_dir, max_length: int = 16):
+    """Evaluating `model` on the spec's dev split(s) gives the final metrics the run recorded."""
+    import json
+
+    from diffprune.tasks import load_task_data
+    from diffprune.train.data import tokenize
+    from diffprune.train.pipeline import TrainConfig, evaluate
+
+    data = load_task_data(spec, None, max_train_samples=1, max_eval_samples=40, seed=42)
+    evals = {k: tokenize(v, tokenizer, max_length, spec.is_regression) for k, v in data.evals.items()}
+    got = evaluate(model, evals, spec, TrainConfig(output_dir=str(work_dir), progress=False), tokenizer, work_dir)
+    want = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert set(got) == set(want)
+    for split in want:
+        assert got[split]["accuracy"] == pytest.approx(want[split]["accuracy"])
+        assert got[split]["loss"] == pytest.approx(want[split]["loss"], rel=1e-5)
 
 
 def random_batch(model, batch: int = 3, length: int = 7, seed: int = 1):

@@ -2,12 +2,11 @@
 definition), near-identity start, training works, export → save → load → attach + apply parity, fingerprint
 refusal, unsupported architectures, no folding, and one end-to-end run through `diffprune.api.train`."""
 import copy
-import json
 
 import pytest
 import torch
 
-from conftest import make_tiny, random_batch, phase_steps
+from conftest import make_tiny, random_batch, phase_steps, crash_at_step, assert_eval_reproduces
 from diffprune.errors import DiffpruneError
 from diffprune.methods import get_method, make_config
 from diffprune.models import head_names_by_convention
@@ -235,9 +234,7 @@ def test_config_defaults_and_validation():
 
 def test_pipeline_run_and_load_task_model_reproduce_metrics(tmp_path, tiny_model_dir):
     from diffprune.api import load_task_model, train
-    from diffprune.tasks import demo_task, load_task_data, write_demo_data
-    from diffprune.train.data import tokenize
-    from diffprune.train.pipeline import TrainConfig, evaluate
+    from diffprune.tasks import demo_task, write_demo_data
 
     spec = demo_task(write_demo_data(tmp_path / "data"))
     out = tmp_path / "run"
@@ -250,22 +247,13 @@ def test_pipeline_run_and_load_task_model_reproduce_metrics(tmp_path, tiny_model
     assert metrics["storage"]["dense_params"] == expected_trainable("adapter-houlsby", "bert", model, 8)
     assert sum(".adapter." in n for n in diff.dense) == 4 * 2 * model.config.num_hidden_layers
 
-    data = load_task_data(spec, None, max_train_samples=1, max_eval_samples=40, seed=42)
-    evals = {k: tokenize(v, tokenizer, 16, spec.is_regression) for k, v in data.evals.items()}
-    got = evaluate(model, evals, spec, TrainConfig(output_dir=str(tmp_path / "e"), progress=False), tokenizer,
-                   tmp_path / "e")
-    want = json.loads((out / "metrics.json").read_text())["final"]
-    assert set(got) == set(want)
-    for split in want:
-        assert got[split]["accuracy"] == pytest.approx(want[split]["accuracy"])
-        assert got[split]["loss"] == pytest.approx(want[split]["loss"], rel=1e-5)
+    assert_eval_reproduces(model, tokenizer, spec, out, tmp_path / "e")
 
 
 def test_resume_mid_phase_restores_adapters(tmp_path, tiny_model_dir, monkeypatch):
     """A crash after a checkpoint, then --resume: the checkpoint carries the adapters back in."""
     from diffprune.api import train
     from diffprune.tasks import demo_task, write_demo_data
-    from diffprune.train import pipeline
 
     spec = demo_task(write_demo_data(tmp_path / "data"))
     opts = dict(model=str(tiny_model_dir), method="adapter-pfeiffer", spec=spec, max_train_samples=48,
@@ -273,19 +261,8 @@ def test_resume_mid_phase_restores_adapters(tmp_path, tiny_model_dir, monkeypatc
                 save_steps=2)
     train(str(tmp_path / "whole"), **opts)
 
-    original = pipeline.PhaseTrainer.training_step
-    calls = {"n": 0}
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # the last of 3 steps, after the checkpoint at step 2
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 3):  # the last of 3 steps, after the checkpoint at step 2
         train(str(tmp_path / "resumed"), **opts)
-    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", original)
     train(str(tmp_path / "resumed"), resume=True, **opts)
     whole, resumed = load_diff(tmp_path / "whole" / "diff"), load_diff(tmp_path / "resumed" / "diff")
     assert set(whole.dense) == set(resumed.dense)

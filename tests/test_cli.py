@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import make_tiny
+from conftest import make_tiny, crash_at_step
 from diffprune.cli import main
 from diffprune.tasks import write_demo_data
 
@@ -76,27 +76,14 @@ def test_merge_loads_with_plain_transformers(trained, tmp_path, capsys):
 
 
 def test_resume_after_crash_mid_phase(tmp_path, tiny_model_dir, data_dir, monkeypatch):
-    from diffprune.train import pipeline
-
     out = tmp_path / "out"
-    calls = {"n": 0}
-    original = pipeline.PhaseTrainer.training_step
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # in the fixed-mask phase (3 steps per phase), after a checkpoint at step 2
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    # step 6 is in the fixed-mask phase (3 steps per phase), after a checkpoint at step 2
+    with crash_at_step(monkeypatch, 6):
         main(train_args(tiny_model_dir, data_dir, out, "--save-steps", "2"))
     assert (out / "phases" / "l0" / "snapshot").exists() and not (out / "diff").exists()
     assert (out / "phases" / "fixed_mask" / "checkpoints" / "checkpoint-2").exists()
-    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", original)
     # without --resume the directory is refused, with it the run completes
     assert main(train_args(tiny_model_dir, data_dir, out, "--save-steps", "2")) == 2
-    calls["n"] = 0
     assert main(train_args(tiny_model_dir, data_dir, out, "--save-steps", "2", "--resume")) == 0
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     fixed = [r["step"] for r in steps if r["phase"] == "fixed_mask" and "loss" in r]

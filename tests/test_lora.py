@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import make_tiny, random_batch, phase_steps
+from conftest import make_tiny, random_batch, phase_steps, crash_at_step
 from diffprune.errors import DiffpruneError
 from diffprune.methods import get_method, make_config
 from diffprune.models import head_names_by_convention
@@ -275,26 +275,15 @@ def test_resume_mid_phase_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,
     from diffprune.api import train
     from diffprune.tasks import write_demo_data
     from diffprune.tasks.demo_data import demo_task
-    from diffprune.train import pipeline
 
     spec = demo_task(write_demo_data(tmp_path / "demo"))
     kw = dict(model=str(tiny_model_dir), method="lora", spec=spec, max_train_samples=48, max_eval_samples=16,
               batch_size=16, max_length=16, epochs=2, rank=RANK, progress=False, save_steps=2)
     train(str(tmp_path / "straight"), **kw)
 
-    original, calls = pipeline.PhaseTrainer.training_step, {"n": 0}
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # 6 steps in all, checkpoint at step 2
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 4):  # 6 steps in all, checkpoint at step 2
         train(str(tmp_path / "resumed"), **kw)
     assert (tmp_path / "resumed" / "phases" / "finetune" / "checkpoints" / "checkpoint-2").exists()
-    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", original)
     train(str(tmp_path / "resumed"), resume=True, **kw)
     a, b = load_diff(tmp_path / "straight" / "diff"), load_diff(tmp_path / "resumed" / "diff")
     assert set(a.dense) == set(b.dense) and a.fingerprint == b.fingerprint

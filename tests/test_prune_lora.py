@@ -7,13 +7,12 @@ heads, recomputed here from the stored scores), and the trainable-parameter coun
 lowers the loss, export → save → load → fresh base → attach + apply gives identical logits, `prepare` is
 deterministic, and an end-to-end `diffprune.api.train` run reloads to the same dev metrics.
 """
-import json
 import re
 
 import pytest
 import torch
 
-from conftest import make_tiny, random_batch, phase_steps
+from conftest import make_tiny, random_batch, phase_steps, crash_at_step, assert_eval_reproduces
 from diffprune.errors import DiffpruneError
 from diffprune.heads import load_pruned, pruned_heads_of
 from diffprune.methods import get_method, make_config
@@ -357,9 +356,7 @@ def test_errors_are_clear():
 def test_pipeline_run_and_load_task_model_reproduce_metrics(tmp_path, tiny_model_dir):
     from diffprune.api import load_task_model, train
     from diffprune.cli import main
-    from diffprune.tasks import demo_task, load_task_data, write_demo_data
-    from diffprune.train.data import tokenize
-    from diffprune.train.pipeline import TrainConfig, evaluate
+    from diffprune.tasks import demo_task, write_demo_data
 
     spec = demo_task(write_demo_data(tmp_path / "data"))
     out = tmp_path / "run"
@@ -371,15 +368,7 @@ def test_pipeline_run_and_load_task_model_reproduce_metrics(tmp_path, tiny_model
     assert sum(map(len, pruned_heads_of(model.config).values())) == 3
     assert metrics["storage"]["dense_params"] == sum(t.numel() for t in diff.dense.values())
 
-    data = load_task_data(spec, None, max_train_samples=1, max_eval_samples=40, seed=42)
-    evals = {k: tokenize(v, tokenizer, 16, spec.is_regression) for k, v in data.evals.items()}
-    got = evaluate(model, evals, spec, TrainConfig(output_dir=str(tmp_path / "e"), progress=False), tokenizer,
-                   tmp_path / "e")
-    want = json.loads((out / "metrics.json").read_text())["final"]
-    assert set(got) == set(want)
-    for split in want:
-        assert got[split]["accuracy"] == pytest.approx(want[split]["accuracy"])
-        assert got[split]["loss"] == pytest.approx(want[split]["loss"], rel=1e-5)
+    assert_eval_reproduces(model, tokenizer, spec, out, tmp_path / "e")
 
     # merge keeps the model pruned; load_pruned reads it back with the same outputs
     assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
@@ -392,7 +381,6 @@ def test_resume_mid_phase_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,
     """--resume calls prepare() again on a fresh base: same heads pruned, checkpointed LoRA tensors fit."""
     from diffprune.api import train
     from diffprune.tasks import demo_task, write_demo_data
-    from diffprune.train import pipeline
 
     spec = demo_task(write_demo_data(tmp_path / "demo"))
     kw = dict(model=str(tiny_model_dir), method="prune-lora", spec=spec, max_train_samples=48, max_eval_samples=16,
@@ -400,18 +388,8 @@ def test_resume_mid_phase_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,
               save_steps=2)
     train(str(tmp_path / "straight"), **kw)
 
-    original, calls = pipeline.PhaseTrainer.training_step, {"n": 0}
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # 6 steps in all, checkpoint at step 2
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 4):  # 6 steps in all, checkpoint at step 2
         train(str(tmp_path / "resumed"), **kw)
-    monkeypatch.setattr(pipeline.PhaseTrainer, "training_step", original)
     train(str(tmp_path / "resumed"), resume=True, **kw)
     a, b = load_diff(tmp_path / "straight" / "diff"), load_diff(tmp_path / "resumed" / "diff")
     assert a.config["pruned_heads"] == b.config["pruned_heads"] and a.fingerprint == b.fingerprint
