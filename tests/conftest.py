@@ -8,6 +8,7 @@ training pipeline can be run end to end on a real tokenizer in seconds.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ import torch
 # Tiny models: one thread is faster than two (thread hand-off dominates ops this small, badly so on a
 # loaded machine), and it makes the suite's timing independent of the core count.
 torch.set_num_threads(1)
+# The gate's compiled kernels pay off on real models; on tiny ones compiling costs more than it saves, so
+# the suite (and the CLI processes it starts) runs them eagerly. tests/test_l0_step.py checks both forms.
+os.environ.setdefault("DIFFPRUNE_COMPILE", "0")
 from transformers import (
     AutoTokenizer,
     BertConfig,

@@ -87,6 +87,7 @@ class DeltaModel(nn.Module):
         for name, p in base.named_parameters():
             p.requires_grad_(name in self.head_names)
         self._rows = None
+        self._step_rows = None  # (input_ids, rows, inverse, δ rows) of the running training forward
         if isinstance(source, L0Diff) and gate_used_rows:
             self._rows = row_gated_embedding(base, source.layout)
 
@@ -94,13 +95,25 @@ class DeltaModel(nn.Module):
     def config(self):  # Trainer and users look for model.config
         return self.base.config
 
-    def effective_parameters(self) -> dict[str, Tensor]:
-        """{name: θ + δ} for every diff-pruned tensor whose δ is not structurally zero (and not row-gated)."""
+    def effective_parameters(self, input_ids: Tensor | None = None) -> dict[str, Tensor]:
+        """{name: θ + δ} for every diff-pruned tensor whose δ is not structurally zero (and not row-gated).
+
+        In training mode the L0 diff comes from one fused node (`L0Diff.step_pieces`); the δ of the used
+        embedding rows is built there too, from `input_ids`, and kept for the embedding hook.
+        """
         layout = self.source.layout
         if isinstance(self.source, L0Diff):
             skip = self._rows[0] if self._rows is not None else None
+            if self.source.training:
+                rows = None
+                if skip is not None and input_ids is not None:
+                    rows, inverse = torch.unique(input_ids, return_inverse=True)
+                pieces, rows_delta = self.source.step_pieces(skip, rows)
+                self._step_rows = (input_ids, rows, inverse, rows_delta) if rows is not None else None
+            else:
+                pieces = self.source.pieces(skip)
             return {name: self.base.get_parameter(name) + part
-                    for name, part in zip(layout.names, self.source.pieces(skip)) if part is not None}
+                    for name, part in zip(layout.names, pieces) if part is not None}
         params = {}
         for i, local, values in self.source.per_tensor():
             name = layout.names[i]
@@ -111,24 +124,34 @@ class DeltaModel(nn.Module):
     def _add_row_delta(self, module: nn.Embedding, args, output: Tensor) -> Tensor:
         """Forward hook: θ[ids] + δ[ids] with δ gated for the distinct ids of this batch only."""
         ids = args[0]
-        rows, inverse = torch.unique(ids, return_inverse=True)
+        step = self._step_rows
+        if step is not None and ids.numel() == step[0].numel() and torch.equal(ids.reshape(-1), step[0].reshape(-1)):
+            _, rows, inverse, delta = step  # built with the rest of δ by the fused training node
+            inverse = inverse.reshape(ids.shape)
+        else:
+            if self.source.training:
+                raise RuntimeError("the word embedding was called with other ids than the model's input_ids; "
+                                   "diff-prune it whole with gate_used_rows=False")
+            rows, inverse = torch.unique(ids, return_inverse=True)
+            delta = self.source.rows_delta(rows)
         padding = None  # the padding row gets no gradient, exactly as in nn.Embedding
         if module.padding_idx is not None:
             hit = (rows == module.padding_idx).nonzero()
             padding = int(hit[0, 0]) if hit.numel() else None
-        delta = self.source.rows_delta(rows).to(output.dtype)
-        return output + F.embedding(inverse, delta, padding_idx=padding)
+        return output + F.embedding(inverse, delta.to(output.dtype), padding_idx=padding)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        params = self.effective_parameters()
+        self._step_rows = None
+        params = self.effective_parameters(input_ids)
         hook = self._rows[1].register_forward_hook(self._add_row_delta) if self._rows is not None else None
         try:
             return functional_call(self.base, params, args=(), kwargs=inputs, tie_weights=True, strict=False)
         finally:
+            self._step_rows = None
             if hook is not None:
                 hook.remove()
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hard_concrete as hc
+from .l0_step import L0Step, StepPlan
 
 
 class FlatLayout:
@@ -81,6 +82,7 @@ class L0Diff(nn.Module):
             self.register_parameter("group_log_alpha", None)
         self.register_buffer("group_sizes", torch.tensor(layout.numels, dtype=torch.long), persistent=False)
         self._skipped: tuple | None = None  # (w rows, α rows, group gate) of the tensor left to rows_delta
+        self._step_l0: Tensor | None = None  # E‖δ‖₀ from the last `step_pieces`, for `expected_l0`
 
     def _expand(self, per_group: Tensor) -> Tensor:
         return torch.repeat_interleave(per_group, self.group_sizes, output_size=self.layout.total)
@@ -147,6 +149,31 @@ class L0Diff(nn.Module):
                 out.append(part * zg[i] if zg is not None else part)
         return out
 
+    def step_pieces(self, skip: int | None = None, rows: Tensor | None = None,
+                    generator: torch.Generator | None = None) -> tuple[list[Tensor | None], Tensor]:
+        """Training-mode δ per tensor (tensor `skip` is None) and δ of its `rows`, from one `L0Step` node.
+
+        The same values as `pieces` + `rows_delta` in training mode, but the backward writes the flat
+        gradients of w and α in one pass, the penalty's included: E‖δ‖₀ of this pass is kept and the next
+        `expected_l0()` returns it (once), so the penalty joins the same node.
+        """
+        if not self.training:
+            raise RuntimeError("step_pieces is the training-mode path; use pieces() in eval mode")
+        layout = self.layout
+        bounds = [(0, len(layout))] if skip is None else [(0, skip), (skip + 1, len(layout))]
+        plan = StepPlan(layout.numels, layout.shapes, layout.offsets, [(a, b) for a, b in bounds if b > a],
+                        skip, rows if skip is not None else None, self.left, self.right)
+        group_z = group_p = None
+        if self.structured:
+            group_z = hc.sample_gate(self.group_log_alpha, self.left, self.right, generator)
+            group_p = hc.prob_nonzero(self.group_log_alpha, self.left, self.right)
+        *pieces, rows_delta, l0 = L0Step.apply(self.w, self.log_alpha, group_z, group_p, plan, generator)
+        self._step_l0 = l0
+        out: list[Tensor | None] = list(pieces)
+        if skip is not None:
+            out.insert(skip, None)
+        return out, rows_delta
+
     def rows_delta(self, rows: Tensor) -> Tensor:
         """δ of the given rows of the tensor skipped by the last `pieces` call: (len(rows), row size)."""
         if self._skipped is None:
@@ -156,7 +183,10 @@ class L0Diff(nn.Module):
         return delta * zg if zg is not None else delta
 
     def expected_l0(self) -> Tensor:
-        """E‖δ‖₀ (a differentiable scalar)."""
+        """E‖δ‖₀ (a differentiable scalar); after `step_pieces`, the value that pass computed (once)."""
+        cached, self._step_l0 = self._step_l0, None
+        if cached is not None and self.training and torch.is_grad_enabled():
+            return cached
         return hc.expected_l0(self.log_alpha, self.left, self.right, self.group_log_alpha,
                               self.layout.numels if self.structured else None)
 

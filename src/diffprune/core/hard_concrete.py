@@ -13,6 +13,8 @@ plain torch: autograd computes every gradient (checked with `torch.autograd.grad
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -48,34 +50,122 @@ def sample_gate(log_alpha: Tensor, left: float = LEFT, right: float = RIGHT,
     return gate_from_noise(log_alpha, sample_uniform(log_alpha, generator), left, right)
 
 
+def _gate_forward(u: Tensor, log_alpha: Tensor, w: Tensor, left: float, right: float) -> tuple[Tensor, Tensor]:
+    """(z, z ⊙ w) for uniform noise u: the elementwise body of `sampled_product`, one pass when compiled."""
+    u = u.clamp(EPS, 1.0 - EPS)
+    s = torch.sigmoid(torch.log(u) - torch.log1p(-u) + log_alpha)
+    z = (s * (right - left) + left).clamp(0.0, 1.0)
+    return z, z * w
+
+
+def _gate_backward(grad: Tensor, w: Tensor, z: Tensor, left: float, right: float) -> tuple[Tensor, Tensor]:
+    """(∂/∂w, ∂/∂α) of z ⊙ w from the saved z alone: on 0 < z < 1, s = (z − l)/(r − l), so
+    ∂z/∂α = (r − l) s (1 − s) = (z − l)(r − z)/(r − l); where the clamp is active ∂z/∂α = 0."""
+    inside = (z > 0.0) & (z < 1.0)
+    dz = torch.where(inside, (z - left) * (right - z) / (right - left), torch.zeros_like(z))
+    return grad * z, grad * w * dz
+
+
+def _gate_backward_into(out_w: Tensor, out_alpha: Tensor, grad: Tensor, w: Tensor, z: Tensor, log_alpha: Tensor,
+                        scale: Tensor, penalty: Tensor, shift: float, left: float, right: float) -> Tensor:
+    """The whole L0-phase gradient of one tensor, written into slices of the flat gradients.
+
+    For δ = scale · z ⊙ w (scale: the tensor's group gate, or 1) and a penalty term `penalty` · Σ P(z_i > 0):
+    ∂/∂w = scale · g · z; ∂/∂α = scale · g · w · ∂z/∂α + penalty · s(1 − s) with s = sigmoid(α − c).
+    Returns Σ g · z · w, the gradient of the group gate. Written in place so that no d-sized temporary
+    (and no concatenation of per-tensor gradients) exists.
+    """
+    inside = (z > 0.0) & (z < 1.0)
+    dz = torch.where(inside, (z - left) * (right - z) / (right - left), torch.zeros_like(z))
+    g = grad * scale
+    s = torch.sigmoid(log_alpha - shift)
+    out_w.copy_(g * z)
+    out_alpha.copy_(g * w * dz + penalty * s * (1.0 - s))
+    return (grad * z * w).sum()
+
+
+def _penalty_grad_into(out_alpha: Tensor, log_alpha: Tensor, penalty: Tensor, shift: float) -> None:
+    """out = penalty · s(1 − s), s = sigmoid(α − c): ∂/∂α of penalty · Σ P(z_i > 0) alone."""
+    s = torch.sigmoid(log_alpha - shift)
+    out_alpha.copy_(penalty * s * (1.0 - s))
+
+
+def _l0_forward(log_alpha: Tensor, shift: float) -> Tensor:
+    return torch.sigmoid(log_alpha - shift).sum()
+
+
+def _l0_backward(log_alpha: Tensor, shift: float, grad: Tensor) -> Tensor:
+    s = torch.sigmoid(log_alpha - shift)
+    return grad * s * (1.0 - s)
+
+
+class _Kernels:
+    """The elementwise bodies above, run through `torch.compile` when it works, eagerly otherwise.
+
+    Eagerly each body is five to ten passes over d-sized tensors (and as many temporaries); inductor
+    fuses each into one loop, which is what brings the L0 phase near the cost of full finetuning (see
+    benchmarks/speed.py). Compilation happens once per process on first use (a few seconds; cached on
+    disk by inductor). If it fails (no C++ compiler, an unsupported platform) the eager bodies are used
+    and a warning says so. DIFFPRUNE_COMPILE=0 forces eager. Noise is always drawn eagerly, so the same
+    generator state gives the same gates either way.
+    """
+
+    names = ("_gate_forward", "_gate_backward", "_gate_backward_into", "_penalty_grad_into", "_l0_forward",
+             "_l0_backward")
+
+    def __init__(self):
+        self.enabled = os.environ.get("DIFFPRUNE_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+        self._compiled: dict[str, object] = {}
+
+    def __getattr__(self, name: str):
+        if name not in _Kernels.names:
+            raise AttributeError(name)
+        eager = globals()[name]
+        if not self.enabled:
+            return eager
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(eager, dynamic=True)
+        compiled = self._compiled[name]
+
+        def run(*args):
+            if not self.enabled:
+                return eager(*args)
+            try:
+                return compiled(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
+                self.enabled = False
+                warnings.warn(f"torch.compile of the Diff Pruning gate failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); using eager kernels "
+                              "(correct, slower). Set DIFFPRUNE_COMPILE=0 to skip the attempt.", stacklevel=2)
+                return eager(*args)
+        return run
+
+
+kernels = _Kernels()
+
+
 class _SampledProduct(torch.autograd.Function):
-    """z ⊙ w for a fresh gate sample z(α, u), computed in place and differentiated by hand.
+    """z ⊙ w for a fresh gate sample z(α, u), differentiated by hand.
 
     The autograd graph of the composite formula keeps four d-sized intermediates and replays eight
-    elementwise passes; here the forward builds z in one buffer and keeps only z, from which the backward
-    gets everything: on 0 < z < 1, s = (z − l)/(r − l), so ∂z/∂α = (r − l) s (1 − s) = (z − l)(r − z)/(r − l),
-    and ∂z/∂α = 0 where the clamp is active. Checked against the composite formula in the tests.
+    elementwise passes; here the forward keeps only z, from which the backward gets everything
+    (`_gate_backward`). Checked against the composite formula in the tests.
     """
 
     @staticmethod
     def forward(ctx, w, log_alpha, left, right, generator):
-        z = torch.rand(log_alpha.shape, dtype=log_alpha.dtype, device=log_alpha.device, generator=generator)
-        z.clamp_(EPS, 1.0 - EPS).logit_().add_(log_alpha).sigmoid_()
-        z.mul_(right - left).add_(left).clamp_(0.0, 1.0)
+        u = torch.rand(log_alpha.shape, dtype=log_alpha.dtype, device=log_alpha.device, generator=generator)
+        z, out = kernels._gate_forward(u, log_alpha, w, left, right)
         ctx.save_for_backward(w, z)
         ctx.interval = (left, right)
-        return z * w
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         w, z = ctx.saved_tensors
-        left, right = ctx.interval
-        grad_w = grad * z if ctx.needs_input_grad[0] else None
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:
-            grad_alpha = (z - left).mul_(right - z).div_(right - left).mul_(grad).mul_(w)
-            grad_alpha.masked_fill_((z <= 0.0).logical_or_(z >= 1.0), 0.0)
-        return grad_w, grad_alpha, None, None, None
+        grad_w, grad_alpha = kernels._gate_backward(grad.contiguous(), w, z, *ctx.interval)
+        return (grad_w if ctx.needs_input_grad[0] else None, grad_alpha if ctx.needs_input_grad[1] else None,
+                None, None, None)
 
 
 def sampled_product(w: Tensor, log_alpha: Tensor, left: float = LEFT, right: float = RIGHT,
@@ -100,18 +190,17 @@ class _ExpectedL0(torch.autograd.Function):
 
     Autograd would keep sigmoid(α − c) (one float per diff-pruned entry) from the forward pass to the
     backward pass, at the point where activations peak; here backward recomputes it from α, which is a
-    parameter and alive anyway: ∂/∂α_i = P(z^{g(i)} > 0) · s_i (1 − s_i), built in place in the returned
-    gradient. `sizes` (a list) is None for unstructured gates.
+    parameter and alive anyway: ∂/∂α_i = P(z^{g(i)} > 0) · s_i (1 − s_i) (`_l0_backward`). `sizes` (a list) is None for unstructured gates.
     """
 
     @staticmethod
     def forward(ctx, log_alpha, shift, sizes, group_log_alpha):
-        p = torch.sigmoid(log_alpha.detach() - shift)
         if sizes is None:
-            per_group = p.sum().reshape(1)
+            per_group = kernels._l0_forward(log_alpha.detach(), shift).reshape(1)
         else:  # one reduction, not one op per group (each op pays a thread hand-off)
+            p = torch.sigmoid(log_alpha.detach() - shift)
             per_group = torch.segment_reduce(p, "sum", lengths=torch.tensor(sizes, device=p.device))
-        del p
+            del p
         group_p = torch.sigmoid(group_log_alpha.detach() - shift) if group_log_alpha is not None else None
         ctx.save_for_backward(log_alpha, per_group, group_p)
         ctx.shift, ctx.sizes = shift, sizes
@@ -120,15 +209,13 @@ class _ExpectedL0(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         log_alpha, per_group, group_p = ctx.saved_tensors
-        s = torch.sub(log_alpha.detach(), ctx.shift).sigmoid_()
-        s.addcmul_(s, s, value=-1.0)  # s − s² = s (1 − s)
         if group_p is None:
-            s.mul_(grad)
-            return s, None, None, None
-        lengths = torch.tensor(ctx.sizes, device=s.device)
-        s.mul_(torch.repeat_interleave(grad * group_p, lengths, output_size=s.numel()))
+            return kernels._l0_backward(log_alpha.detach(), ctx.shift, grad), None, None, None
+        lengths = torch.tensor(ctx.sizes, device=log_alpha.device)
+        scale = torch.repeat_interleave(grad * group_p, lengths, output_size=log_alpha.numel())
+        grad_alpha = kernels._l0_backward(log_alpha.detach(), ctx.shift, scale)
         grad_group = grad * per_group * group_p * (1.0 - group_p) if ctx.needs_input_grad[3] else None
-        return s, None, None, grad_group
+        return grad_alpha, None, None, grad_group
 
 
 def expected_l0(log_alpha: Tensor, left: float = LEFT, right: float = RIGHT,

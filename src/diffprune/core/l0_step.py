@@ -1,0 +1,134 @@
+"""One autograd node for a whole L0-phase forward pass: every gated tensor, the used embedding rows, E‖δ‖₀.
+
+Built with ordinary autograd, a training step of the L0 phase makes the flat gradients of w and α out of
+pieces: the per-tensor gradients are concatenated (a d-sized copy for w, another for α), the embedding
+rows are scattered into a zero-filled tensor, and the penalty's gradient is added to α's (another
+d-sized pass and temporary). On a CPU those copies and fresh allocations cost as much as the gate itself.
+`L0Step` instead takes w, α (and the group gates) whole and, in backward, writes each tensor's gradient
+straight into its slice of two flat buffers with one fused kernel (`hard_concrete._gate_backward_into`),
+penalty included. The values are exactly those of the composite formula (tested against it).
+
+Plain torch; `L0Diff.step_pieces` is the only caller.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import hard_concrete as hc
+
+
+@dataclass
+class StepPlan:
+    """What one forward pass gates: tensors [a, b) of the layout in `ranges`, the rows `rows` of tensor
+    `skip` (None: no row gating), with the gate interval (left, right)."""
+    numels: list[int]
+    shapes: list[tuple[int, ...]]
+    offsets: list[int]
+    ranges: list[tuple[int, int]]
+    skip: int | None
+    rows: Tensor | None
+    left: float
+    right: float
+
+
+class L0Step(torch.autograd.Function):
+    """Outputs: one δ per gated tensor (in layout order, the skipped one left out), δ of the used rows of
+    the skipped tensor (empty when there is none), and E‖δ‖₀ (structured: Σ_g P(z^g > 0) Σ_{i∈g} P(z_i > 0)).
+
+    `group_z` (sampled group gates) and `group_p` (their P(z^g > 0)) come from autograd outside, so their
+    own gradients (into the group α) stay ordinary autograd on G numbers.
+    """
+
+    @staticmethod
+    def forward(ctx, w, log_alpha, group_z, group_p, plan: StepPlan, generator):
+        ctx.set_materialize_grads(False)
+        left, right, offs = plan.left, plan.right, plan.offsets
+        pieces, zs = [], []
+        for a, b in plan.ranges:
+            start, stop = offs[a], offs[b]
+            u = torch.rand(stop - start, dtype=w.dtype, device=w.device, generator=generator)
+            z, delta = hc.kernels._gate_forward(u, log_alpha[start:stop], w[start:stop], left, right)
+            zs.append(z)
+            for i, part in zip(range(a, b), torch.split(delta, plan.numels[a:b])):
+                part = part.view(plan.shapes[i])
+                pieces.append(part * group_z[i] if group_z is not None else part)
+        rows_delta, z_rows = w.new_zeros(0), None
+        if plan.skip is not None and plan.rows is not None:
+            w_rows, a_rows = _rows_of(plan, w, plan.rows), _rows_of(plan, log_alpha, plan.rows)
+            u = torch.rand(w_rows.shape, dtype=w.dtype, device=w.device, generator=generator)
+            z_rows, rows_delta = hc.kernels._gate_forward(u, a_rows, w_rows, left, right)
+            if group_z is not None:
+                rows_delta = rows_delta * group_z[plan.skip]
+        shift = hc.log_ratio(left, right)
+        if group_p is None:
+            per_group = None
+            l0 = hc.kernels._l0_forward(log_alpha, shift)
+        else:
+            p = torch.sigmoid(log_alpha - shift)
+            per_group = torch.segment_reduce(p, "sum", lengths=torch.tensor(plan.numels, device=p.device))
+            del p
+            l0 = (per_group * group_p).sum()
+        ctx.save_for_backward(w, log_alpha, group_z, group_p)
+        ctx.zs, ctx.z_rows, ctx.per_group, ctx.plan, ctx.shift = zs, z_rows, per_group, plan, shift
+        return (*pieces, rows_delta, l0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        w, log_alpha, group_z, group_p = ctx.saved_tensors
+        plan, shift, offs = ctx.plan, ctx.shift, ctx.plan.offsets
+        *piece_grads, grad_rows, grad_l0 = grads
+        one = torch.ones((), dtype=w.dtype, device=w.device)
+        grad_l0 = grad_l0 if grad_l0 is not None else torch.zeros_like(one)
+        grad_w, grad_alpha = torch.empty_like(w), torch.empty_like(log_alpha)
+        grad_group_z = torch.zeros_like(group_z) if group_z is not None else None
+
+        def scales(i):  # (group gate of tensor i, the penalty's weight on its entries)
+            if group_z is None:
+                return one, grad_l0
+            return group_z[i].detach(), grad_l0 * group_p[i].detach()
+
+        k = 0
+        for (a, b), z in zip(plan.ranges, ctx.zs):
+            local = 0
+            for i in range(a, b):
+                start, stop, n = offs[i], offs[i + 1], plan.numels[i]
+                scale, penalty = scales(i)
+                g = piece_grads[k]
+                k += 1
+                if g is None:
+                    grad_w[start:stop].zero_()
+                    hc.kernels._penalty_grad_into(grad_alpha[start:stop], log_alpha[start:stop], penalty, shift)
+                else:
+                    red = hc.kernels._gate_backward_into(grad_w[start:stop], grad_alpha[start:stop],
+                                                         g.reshape(-1), w[start:stop], z[local:local + n],
+                                                         log_alpha[start:stop], scale, penalty, shift,
+                                                         plan.left, plan.right)
+                    if grad_group_z is not None:
+                        grad_group_z[i] = red
+                local += n
+        if plan.skip is not None:
+            i = plan.skip
+            start, stop = offs[i], offs[i + 1]
+            scale, penalty = scales(i)
+            grad_w[start:stop].zero_()
+            hc.kernels._penalty_grad_into(grad_alpha[start:stop], log_alpha[start:stop], penalty, shift)
+            if grad_rows is not None and ctx.z_rows is not None:
+                rows, z = plan.rows, ctx.z_rows
+                w_rows, a_rows = _rows_of(plan, w, rows), _rows_of(plan, log_alpha, rows)
+                gw, ga = hc.kernels._gate_backward(grad_rows.contiguous(), w_rows, z, plan.left, plan.right)
+                _rows_of(plan, grad_w, None).index_copy_(0, rows, gw * scale)
+                _rows_of(plan, grad_alpha, None).index_add_(0, rows, ga * scale)
+                if grad_group_z is not None:
+                    grad_group_z[i] = (grad_rows * z * w_rows).sum()
+        grad_group_p = grad_l0 * ctx.per_group if group_p is not None else None
+        return grad_w, grad_alpha, grad_group_z, grad_group_p, None, None
+
+
+def _rows_of(plan: StepPlan, flat: Tensor, rows: Tensor | None) -> Tensor:
+    """The skipped tensor's slice of `flat` as (rows, row size); `rows` selects some of them (a copy)."""
+    i = plan.skip
+    view = flat[plan.offsets[i]:plan.offsets[i + 1]].view(plan.shapes[i][0], -1)
+    return view if rows is None else view.index_select(0, rows)
