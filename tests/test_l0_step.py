@@ -94,3 +94,12 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert torch.allclose(value, torch.sigmoid(a).sum())
     assert kernels.enabled is False
     assert torch.allclose(kernels._l0_forward(a, 0.0), value)  # eager from now on, no second warning
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_in_place_final_delta_equals_composite_gates(structured):
+    diff = make_diff(structured, torch.float32)
+    got = diff.final_delta(torch.Generator().manual_seed(5))
+    expected = diff.gates(stochastic=True, generator=torch.Generator().manual_seed(5)) * diff.w
+    assert torch.equal(got, expected)
+    assert 0 < torch.count_nonzero(got) < got.numel()

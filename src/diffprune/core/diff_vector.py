@@ -205,8 +205,17 @@ class L0Diff(nn.Module):
 
     @torch.no_grad()
     def final_delta(self, generator: torch.Generator | None = None) -> Tensor:
-        """δ = z ⊙ w with u sampled once: the paper's end-of-phase diff (many entries exactly 0)."""
-        return self.gates(stochastic=True, generator=generator) * self.w
+        """δ = z ⊙ w with u sampled once: the paper's end-of-phase diff (many entries exactly 0).
+
+        Built in place in one d-sized buffer (the same values as `gates(True) * w` for the same generator
+        state): this runs while w, α and their optimizer states are all alive, so temporaries set the peak.
+        """
+        delta = hc.sample_gate_(self.log_alpha, self.left, self.right, generator)
+        if self.structured:
+            group = hc.sample_gate(self.group_log_alpha, self.left, self.right, generator)
+            for part, zg in zip(torch.split(delta, self.layout.numels), group):
+                part.mul_(zg)
+        return delta.mul_(self.w)
 
 
 class FixedMaskDiff(nn.Module):

@@ -144,6 +144,15 @@ class _Kernels:
 kernels = _Kernels()
 
 
+@torch.no_grad()
+def sample_gate_(log_alpha: Tensor, left: float = LEFT, right: float = RIGHT,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """`sample_gate` without autograd, built in one buffer: the end-of-phase mask over all d entries
+    without the four d-sized temporaries of the composite formula (same noise, same values)."""
+    z = sample_uniform(log_alpha, generator)
+    return z.logit_().add_(log_alpha).sigmoid_().mul_(right - left).add_(left).clamp_(0.0, 1.0)
+
+
 class _SampledProduct(torch.autograd.Function):
     """z ⊙ w for a fresh gate sample z(α, u), differentiated by hand.
 
