@@ -12,6 +12,7 @@ the process's footprint after the model was loaded, i.e. what training itself ad
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
@@ -55,6 +56,8 @@ def worker(mode: str, model_name: str, batch: int, length: int, steps: int) -> d
             with torch.no_grad():
                 source.w.normal_()
         method.end_phase(earlier)
+        del spec, source  # the earlier phase's diff (w and α for Diff Pruning) is not part of this one
+    gc.collect()
     spec = method.build_phase(phase)
     module = spec.model.train()
     opt = make_adamw([{"params": g.params, "lr": g.lr, "weight_decay": 0.0, "eps": g.eps} for g in spec.groups])

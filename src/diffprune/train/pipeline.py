@@ -15,6 +15,7 @@ Output directory layout:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -167,6 +168,10 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
                       base_fingerprint_model)
             atomic_write_json(done, phase_metrics)
             shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
+        # Free the finished phase (its optimizer state; for Diff Pruning w, α and their Adam moments, 6·d
+        # floats) before the next one starts, rather than whenever the Trainer's reference cycles are swept.
+        del trainer, spec_phase
+        gc.collect()
 
     last = out / "phases" / method.phases[-1] / "snapshot"
     if main:
