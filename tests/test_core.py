@@ -181,3 +181,26 @@ def test_expected_l0_matches_autograd_reference(structured):
     torch.testing.assert_close(torch.autograd.grad(3 * got, inputs), torch.autograd.grad(3 * ref, inputs))
     fn = (lambda a, g: hc.expected_l0(a, -1.5, 1.5, g, sizes)) if structured else (lambda a: hc.expected_l0(a))
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("with_tiebreak", [False, True])
+def test_topk_indices_matches_a_full_sort_with_massive_ties(with_tiebreak):
+    """Reference: sort by (score desc, tiebreak desc, index asc) and take k, on vectors that are mostly ties."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = 3000
+        scores = torch.zeros(n)
+        scores[torch.randperm(n, generator=gen)[:40]] = torch.randint(1, 5, (40,), generator=gen).float()
+        tiebreak = torch.randint(0, 3, (n,), generator=gen).float() if with_tiebreak else None
+        k = int(torch.randint(1, n, (1,), generator=gen))
+        keys = sorted(range(n), key=lambda i: (-scores[i].item(), -(tiebreak[i].item() if with_tiebreak else 0), i))
+        expected = sorted(keys[:k])
+        assert topk_indices(scores, k, tiebreak).tolist() == expected, (trial, k)
+
+
+def test_first_true_across_chunks():
+    from diffprune.core.projection import _first_true
+
+    mask = torch.rand(100, generator=torch.Generator().manual_seed(1)) > 0.6
+    for count in (0, 1, 5, int(mask.sum())):
+        assert _first_true(mask, count, chunk=7).tolist() == torch.nonzero(mask).squeeze(1)[:count].tolist()

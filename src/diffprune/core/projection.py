@@ -27,7 +27,13 @@ def num_to_keep(total: int, sparsity: float) -> int:
 
 
 def topk_indices(scores: Tensor, k: int, tiebreak: Tensor | None = None) -> Tensor:
-    """Sorted flat indices of exactly k largest `scores` (1-D), ties by `tiebreak` then index."""
+    """Sorted flat indices of exactly k largest `scores` (1-D), ties by `tiebreak` then index.
+
+    Ties can be most of the vector: when the L0 phase leaves fewer than k nonzeros, every zero of δ ties
+    at the k-th value. The ties are therefore never listed whole (an int64 index per entry, then a sort,
+    would be ~24 bytes per diff-pruned parameter: gigabytes for BERT-large); the tie-break is the same
+    selection applied once more to the tiebreak scores of the tied entries, and equal ones go by index.
+    """
     if scores.dim() != 1:
         raise ValueError("scores must be 1-D")
     n = scores.numel()
@@ -36,14 +42,26 @@ def topk_indices(scores: Tensor, k: int, tiebreak: Tensor | None = None) -> Tens
     if k == n:
         return torch.arange(n, device=scores.device)
     kth = torch.topk(scores, k, sorted=False).values.min()
-    above = torch.nonzero(scores > kth).squeeze(1)
+    above = torch.nonzero(scores > kth).squeeze(1)  # fewer than k entries
     need = k - above.numel()
-    ties = torch.nonzero(scores == kth).squeeze(1)  # ascending index order
-    if tiebreak is not None and ties.numel() > need:
-        order = torch.sort(tiebreak[ties], descending=True, stable=True).indices
-        ties = ties[order]
-    keep = torch.cat([above, ties[:need]])
-    return torch.sort(keep).values
+    tied = scores == kth
+    if tiebreak is not None and int(tied.sum()) > need:
+        ties = topk_indices(tiebreak.masked_fill(~tied, float("-inf")), need)
+    else:
+        ties = _first_true(tied, need)
+    return torch.sort(torch.cat([above, ties])).values
+
+
+def _first_true(mask: Tensor, count: int, chunk: int = 1 << 22) -> Tensor:
+    """The `count` lowest positions where `mask` is True, listed chunk by chunk (bounded memory)."""
+    found, have = [], 0
+    for start in range(0, mask.numel(), chunk):
+        if have >= count:
+            break
+        hits = torch.nonzero(mask[start:start + chunk]).squeeze(1)[: count - have] + start
+        found.append(hits)
+        have += hits.numel()
+    return torch.cat(found) if found else mask.new_zeros(0, dtype=torch.long)
 
 
 def project_l0(delta: Tensor, sparsity: float, tiebreak: Tensor | None = None) -> tuple[Tensor, Tensor]:
