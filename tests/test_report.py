@@ -291,3 +291,24 @@ def test_sweep_runs_the_grid_reports_and_reuses(tmp_path, tiny_model_dir, capsys
     assert printed.count("finished earlier, reused") == 2
     assert before == {p.name: (p / "metrics.json").read_text() for p in runs.iterdir() if p.is_dir()}
     assert main(args[:-1] + [str(tmp_path / "x"), "--sparsities", "0.01,abc"]) == 2
+
+
+def test_claims_leave_out_tasks_where_diff_pruning_is_at_chance():
+    from diffprune.report import claims
+
+    s, u = claims.DP_VARIANTS
+    sc = {"tasks": ["cola", "mrpc", "stsb"], "sparsities": [0.001, 0.01],
+          "main_metric": {"cola": "mcc", "mrpc": "f1", "stsb": "spearman"},
+          "values": {s: {"cola": {0.001: 0.0, 0.01: 0.01}, "mrpc": {0.001: 0.80, 0.01: 0.82},
+                         "stsb": {0.001: 0.02, 0.01: 0.30}},
+                     u: {"cola": {0.001: -0.03, 0.01: 0.0}, "mrpc": {0.001: 0.79, 0.01: 0.81},
+                         "stsb": {0.001: 0.01, 0.01: 0.28}}},
+          "dense": {"full": {"cola": 0.2, "mrpc": 0.83, "stsb": 0.5}}}
+    tables = {"sparsity": sc}
+    assert claims.at_chance(tables) == {"cola"}  # mrpc's F1 has no fixed chance level; stsb learned at 1%
+    graceful = claims.graceful_degradation(tables)
+    # over mrpc and stsb only: 1% (0.82 + 0.30)/2 = 56.0, 0.1% (0.80 + 0.02)/2 = 41.0 → a 15-point drop
+    assert "over 2 task(s)" in graceful["evidence"] and "15.0 points" in graceful["evidence"]
+    assert graceful["status"] == claims.NOT_REPRODUCED and "left out" in graceful["evidence"]
+    versus = claims.structured_vs_unstructured(tables)
+    assert "mean over 4 (task, sparsity) pairs" in versus["evidence"] and "cola" in versus["evidence"]

@@ -17,6 +17,34 @@ LOWEST_SPARSITY = 0.001     # the paper's sparsest setting (0.1%)
 STRUCTURED, UNSTRUCTURED = DP_VARIANTS
 
 REPRODUCED, NOT_REPRODUCED, NOT_MEASURED = "reproduced", "not reproduced", "not measured"
+# Metrics whose chance level is 0 whatever the label balance: a run within CHANCE of 0 learned nothing.
+ZERO_CHANCE_METRICS = ("mcc", "matthews", "pearson", "spearman")
+CHANCE = 0.05
+
+
+def at_chance(tables: dict) -> set[str]:
+    """Tasks where every Diff Pruning run scored within ±CHANCE of 0 on a zero-chance metric (MCC, correlation).
+
+    Comparisons between Diff Pruning settings on such a task compare noise (the report showed, e.g., every
+    CoLA run at MCC 0 on a short budget), so the claims that compare variants or sparsities leave them out
+    and say so. Accuracy and F1 have a label-dependent chance level that the runs do not record.
+    """
+    sc = tables.get("sparsity")
+    if not sc:
+        return set()
+    out = set()
+    for task in sc["tasks"]:
+        if not any(m in str(sc["main_metric"].get(task, "")).lower() for m in ZERO_CHANCE_METRICS):
+            continue
+        scores = [v for variant in DP_VARIANTS for v in sc["values"].get(variant, {}).get(task, {}).values()]
+        if scores and all(abs(v) < CHANCE for v in scores):
+            out.add(task)
+    return out
+
+
+def _left_out(tasks: set[str]) -> str:
+    return (f"; left out, Diff Pruning at chance (|score| < {100 * CHANCE:g} on MCC/correlation): "
+            f"{', '.join(sorted(tasks))}") if tasks else ""
 
 
 def _pts(x: float) -> str:
@@ -30,9 +58,11 @@ def _claim(claim: str, paper: str, status: str, evidence: str) -> dict:
 def structured_vs_unstructured(tables: dict) -> dict:
     claim, paper = "structured ≥ unstructured Diff Pruning", "GLUE test avg at 0.5%: 80.6 vs 79.4"
     sc = tables.get("sparsity")
-    pairs = []
+    pairs, chance = [], at_chance(tables)
     if sc and STRUCTURED in sc["values"] and UNSTRUCTURED in sc["values"]:
         for task in sc["tasks"]:
+            if task in chance:
+                continue
             a, b = sc["values"][STRUCTURED][task], sc["values"][UNSTRUCTURED][task]
             pairs += [(task, s, a[s] - b[s]) for s in sorted(set(a) & set(b))]
     if not pairs:
@@ -41,7 +71,7 @@ def structured_vs_unstructured(tables: dict) -> dict:
     wins = sum(d >= 0 for *_, d in pairs)
     return _claim(claim, paper, REPRODUCED if gap >= 0 else NOT_REPRODUCED,
                   f"structured − unstructured dev main, mean over {len(pairs)} (task, sparsity) pairs: "
-                  f"{_pts(gap)} points; structured ≥ unstructured in {wins} of {len(pairs)}")
+                  f"{_pts(gap)} points; structured ≥ unstructured in {wins} of {len(pairs)}{_left_out(chance)}")
 
 
 def matches_full(tables: dict) -> dict:
@@ -67,13 +97,16 @@ def matches_full(tables: dict) -> dict:
     per_task = ", ".join(f"{task} {_pts(sc['values'][variant][task][t] - full[task])}" for task in tasks)
     return _claim(claim, paper, REPRODUCED if 100 * (ref - dp) <= FULL_GAP_POINTS else NOT_REPRODUCED,
                   f"{variant}@{fmt_sparsity(t)} {100 * dp:.1f} vs full {100 * ref:.1f} (mean dev main over "
-                  f"{len(tasks)} task(s); difference {_pts(dp - ref)} points; per task: {per_task})")
+                  f"{len(tasks)} task(s); difference {_pts(dp - ref)} points; per task: {per_task})"
+                  + (f"; Diff Pruning learned nothing (at chance) on {', '.join(sorted(at_chance(tables)))}"
+                     if at_chance(tables) else ""))
 
 
 def fixed_mask_helps(tables: dict) -> dict:
     claim, paper = "the fixed-mask phase helps", "dev avg 84.9 with it vs 81.4 without"
     fm = tables.get("fixed_mask")
-    rows = [r for r in (fm or {}).get("rows", []) if r["variant"] in DP_VARIANTS]
+    chance = at_chance(tables)
+    rows = [r for r in (fm or {}).get("rows", []) if r["variant"] in DP_VARIANTS and r["task"] not in chance]
     if not rows:
         return _claim(claim, paper, NOT_MEASURED, "needs Diff Pruning runs with an l0 and a fixed_mask phase")
     before, after = mean(r["l0"] for r in rows), mean(r["final"] for r in rows)
@@ -81,7 +114,7 @@ def fixed_mask_helps(tables: dict) -> dict:
     return _claim(claim, paper, REPRODUCED if after > before else NOT_REPRODUCED,
                   f"mean dev main over {len(rows)} Diff Pruning run(s): {100 * before:.1f} after the L0 phase "
                   f"(projected) → {100 * after:.1f} after fixed-mask finetuning ({_pts(after - before)} points; "
-                  f"better in {better} of {len(rows)})")
+                  f"better in {better} of {len(rows)}){_left_out(chance)}")
 
 
 def structured_untouched(tables: dict) -> dict:
@@ -116,7 +149,9 @@ def graceful_degradation(tables: dict) -> dict:
         if low > LOWEST_SPARSITY * (1 + 1e-9):
             continue
         highs = [s for s in sc["sparsities"] if s > low]
-        tasks = [t for t in sc["tasks"] if low in per_task[t] and highs and max(highs) in per_task[t]]
+        chance = at_chance(tables)
+        tasks = [t for t in sc["tasks"] if t not in chance and t in per_task and low in per_task[t] and highs
+                 and max(highs) in per_task[t]]
         if not tasks:
             continue
         high = max(highs)
@@ -126,7 +161,7 @@ def graceful_degradation(tables: dict) -> dict:
         return _claim(claim, paper, REPRODUCED if 100 * drop <= GRACEFUL_DROP_POINTS else NOT_REPRODUCED,
                       f"{variant}, mean dev main over {len(tasks)} task(s): {curve}; drop from "
                       f"{fmt_sparsity(high)} to {fmt_sparsity(low)} {100 * drop:.1f} points (graceful: at most "
-                      f"{GRACEFUL_DROP_POINTS:g}, the paper's drop was 2.6)")
+                      f"{GRACEFUL_DROP_POINTS:g}, the paper's drop was 2.6){_left_out(chance)}")
     return _claim(claim, paper, NOT_MEASURED, f"needs Diff Pruning at {fmt_sparsity(LOWEST_SPARSITY)} and at a "
                   "larger sparsity on the same task")
 
