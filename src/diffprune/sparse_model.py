@@ -125,7 +125,9 @@ class DeltaModel(nn.Module):
         """Forward hook: θ[ids] + δ[ids] with δ gated for the distinct ids of this batch only."""
         ids = args[0]
         step = self._step_rows
-        if step is not None and ids.numel() == step[0].numel() and torch.equal(ids.reshape(-1), step[0].reshape(-1)):
+        same_ids = step is not None and ids.numel() == step[0].numel() and torch.equal(ids.reshape(-1),
+                                                                                         step[0].reshape(-1))
+        if same_ids:
             _, rows, inverse, delta = step  # built with the rest of δ by the fused training node
             inverse = inverse.reshape(ids.shape)
         else:

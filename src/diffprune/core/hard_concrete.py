@@ -58,16 +58,21 @@ def _gate_forward(u: Tensor, log_alpha: Tensor, w: Tensor, left: float, right: f
     return z, z * w
 
 
-def _gate_backward(grad: Tensor, w: Tensor, z: Tensor, left: float, right: float) -> tuple[Tensor, Tensor]:
-    """(∂/∂w, ∂/∂α) of z ⊙ w from the saved z alone: on 0 < z < 1, s = (z − l)/(r − l), so
-    ∂z/∂α = (r − l) s (1 − s) = (z − l)(r − z)/(r − l); where the clamp is active ∂z/∂α = 0."""
+def _gate_slope(z: Tensor, left: float, right: float) -> Tensor:
+    """∂z/∂α from the sampled z alone: on 0 < z < 1, s = (z − l)/(r − l), so ∂z/∂α = (r − l) s (1 − s)
+    = (z − l)(r − z)/(r − l); where the clamp is active ∂z/∂α = 0."""
     inside = (z > 0.0) & (z < 1.0)
-    dz = torch.where(inside, (z - left) * (right - z) / (right - left), torch.zeros_like(z))
-    return grad * z, grad * w * dz
+    return torch.where(inside, (z - left) * (right - z) / (right - left), torch.zeros_like(z))
 
 
-def _gate_backward_into(out_w: Tensor, out_alpha: Tensor, grad: Tensor, w: Tensor, z: Tensor, log_alpha: Tensor,
-                        scale: Tensor, penalty: Tensor, shift: float, left: float, right: float) -> Tensor:
+def _gate_backward(grad: Tensor, w: Tensor, z: Tensor, left: float, right: float) -> tuple[Tensor, Tensor]:
+    """(∂/∂w, ∂/∂α) of z ⊙ w from the saved z alone."""
+    return grad * z, grad * w * _gate_slope(z, left, right)
+
+
+def _gate_backward_into(out_w: Tensor, out_alpha: Tensor, grad: Tensor, w: Tensor, z: Tensor,
+                        log_alpha: Tensor, scale: Tensor, penalty: Tensor, shift: float, left: float,
+                        right: float) -> Tensor:
     """The whole L0-phase gradient of one tensor, written into slices of the flat gradients.
 
     For δ = scale · z ⊙ w (scale: the tensor's group gate, or 1) and a penalty term `penalty` · Σ P(z_i > 0):
@@ -75,19 +80,15 @@ def _gate_backward_into(out_w: Tensor, out_alpha: Tensor, grad: Tensor, w: Tenso
     Returns Σ g · z · w, the gradient of the group gate. Written in place so that no d-sized temporary
     (and no concatenation of per-tensor gradients) exists.
     """
-    inside = (z > 0.0) & (z < 1.0)
-    dz = torch.where(inside, (z - left) * (right - z) / (right - left), torch.zeros_like(z))
     g = grad * scale
-    s = torch.sigmoid(log_alpha - shift)
     out_w.copy_(g * z)
-    out_alpha.copy_(g * w * dz + penalty * s * (1.0 - s))
+    out_alpha.copy_(g * w * _gate_slope(z, left, right) + _l0_backward(log_alpha, shift, penalty))
     return (grad * z * w).sum()
 
 
 def _penalty_grad_into(out_alpha: Tensor, log_alpha: Tensor, penalty: Tensor, shift: float) -> None:
-    """out = penalty · s(1 − s), s = sigmoid(α − c): ∂/∂α of penalty · Σ P(z_i > 0) alone."""
-    s = torch.sigmoid(log_alpha - shift)
-    out_alpha.copy_(penalty * s * (1.0 - s))
+    """∂/∂α of penalty · Σ P(z_i > 0) alone, written into `out_alpha`."""
+    out_alpha.copy_(_l0_backward(log_alpha, shift, penalty))
 
 
 def _l0_forward(log_alpha: Tensor, shift: float) -> Tensor:
@@ -95,6 +96,7 @@ def _l0_forward(log_alpha: Tensor, shift: float) -> Tensor:
 
 
 def _l0_backward(log_alpha: Tensor, shift: float, grad: Tensor) -> Tensor:
+    """grad · s(1 − s) with s = sigmoid(α − c): the derivative of grad · Σ P(z_i > 0)."""
     s = torch.sigmoid(log_alpha - shift)
     return grad * s * (1.0 - s)
 
@@ -111,10 +113,11 @@ class _Kernels:
     """
 
     names = ("_gate_forward", "_gate_backward", "_gate_backward_into", "_penalty_grad_into", "_l0_forward",
-             "_l0_backward")
+             "_l0_backward")  # _gate_slope is inlined into the ones that use it
 
     def __init__(self):
-        self.enabled = os.environ.get("DIFFPRUNE_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+        flag = os.environ.get("DIFFPRUNE_COMPILE", "1").strip().lower()
+        self.enabled = flag not in ("0", "false", "no", "off")
         self._compiled: dict[str, object] = {}
 
     def __getattr__(self, name: str):
@@ -123,9 +126,9 @@ class _Kernels:
         eager = globals()[name]
         if not self.enabled:
             return eager
-        if name not in self._compiled:
-            self._compiled[name] = torch.compile(eager, dynamic=True)
-        compiled = self._compiled[name]
+        if name in self._compiled:
+            return self._compiled[name]
+        compiled = torch.compile(eager, dynamic=True)
 
         def run(*args):
             if not self.enabled:
@@ -138,6 +141,7 @@ class _Kernels:
                               f"{str(error).splitlines()[0] if str(error) else ''}); using eager kernels "
                               "(correct, slower). Set DIFFPRUNE_COMPILE=0 to skip the attempt.", stacklevel=2)
                 return eager(*args)
+        self._compiled[name] = run
         return run
 
 
@@ -199,7 +203,8 @@ class _ExpectedL0(torch.autograd.Function):
 
     Autograd would keep sigmoid(α − c) (one float per diff-pruned entry) from the forward pass to the
     backward pass, at the point where activations peak; here backward recomputes it from α, which is a
-    parameter and alive anyway: ∂/∂α_i = P(z^{g(i)} > 0) · s_i (1 − s_i) (`_l0_backward`). `sizes` (a list) is None for unstructured gates.
+    parameter and alive anyway: ∂/∂α_i = P(z^{g(i)} > 0) · s_i (1 − s_i) (`_l0_backward`). `sizes` (a list)
+    is None for unstructured gates.
     """
 
     @staticmethod
