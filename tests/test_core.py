@@ -204,3 +204,41 @@ def test_first_true_across_chunks():
     mask = torch.rand(100, generator=torch.Generator().manual_seed(1)) > 0.6
     for count in (0, 1, 5, int(mask.sum())):
         assert _first_true(mask, count, chunk=7).tolist() == torch.nonzero(mask).squeeze(1)[:count].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_exp_gate_kernel_matches_the_logit_formula_at_the_extremes(dtype):
+    """The kernels write sigmoid(logit u + α) as u / (u + (1 − u) e^−α): same gate, finite for any α."""
+    log_alpha = torch.tensor([-200.0, -88.0, -20.0, -1.0, 0.0, 1.0, 20.0, 88.0, 200.0], dtype=dtype)
+    for u in (hc.EPS, 0.3, 0.5, 0.999, 1.0 - hc.EPS, 0.0, 1.0):  # 0 and 1 are clamped like the formula's
+        noise = torch.full_like(log_alpha, u)
+        z, zw = hc._gate_forward(noise, log_alpha, torch.full_like(log_alpha, 2.0), hc.LEFT, hc.RIGHT)
+        want = hc.gate_from_noise(log_alpha, noise.clamp(hc.EPS, 1 - hc.EPS))
+        assert torch.isfinite(z).all() and torch.allclose(z, want, atol=1e-6)
+        assert torch.allclose(zw, 2.0 * want, atol=2e-6)
+        kept = noise.clone()
+        out, p_sum = hc._gate_apply_(kept, log_alpha, torch.full_like(log_alpha, 2.0),
+                                     torch.ones_like(log_alpha), torch.tensor(0.5, dtype=dtype), hc.LEFT, hc.RIGHT)
+        assert torch.allclose(kept, want, atol=1e-6)  # the gate, written over the noise
+        assert torch.allclose(out, 1.0 + want, atol=1e-6)
+        assert torch.allclose(p_sum, hc.prob_nonzero(log_alpha).sum())
+    # P(z > 0) with an asymmetric interval, where −l / r ≠ 1
+    kept = torch.full_like(log_alpha, 0.5)
+    _, p_sum = hc._gate_apply_(kept, log_alpha, log_alpha, log_alpha, torch.tensor(1.0, dtype=dtype), -0.1, 1.1)
+    assert torch.allclose(p_sum, hc.prob_nonzero(log_alpha, -0.1, 1.1).sum())
+
+
+def test_chunked_noise_is_uniform_seeded_and_independent_of_the_thread_count(monkeypatch):
+    n = 2 * hc.NOISE_CHUNK + 12345
+    first = hc.uniform(n, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(5))
+    monkeypatch.setattr(hc, "_pool", (__import__("os").getpid(), hc.ThreadPoolExecutor(1)))
+    again = hc.uniform((n,), torch.float32, torch.device("cpu"), torch.Generator().manual_seed(5))
+    assert torch.equal(first, again)
+    other = hc.uniform(n, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(6))
+    assert not torch.equal(first, other)
+    chunks = first[: 2 * hc.NOISE_CHUNK].view(2, -1)
+    assert not torch.equal(chunks[0], chunks[1])  # each chunk has its own stream
+    assert 0.0 <= float(first.min()) and float(first.max()) < 1.0
+    assert abs(float(first.mean()) - 0.5) < 0.002 and abs(float(first.var()) - 1 / 12) < 0.002
+    short = hc.uniform((3, 5), torch.float64, torch.device("cpu"), torch.Generator().manual_seed(5))
+    assert torch.equal(short, torch.rand((3, 5), dtype=torch.float64, generator=torch.Generator().manual_seed(5)))

@@ -103,3 +103,68 @@ def test_in_place_final_delta_equals_composite_gates(structured):
     expected = diff.gates(stochastic=True, generator=torch.Generator().manual_seed(5)) * diff.w
     assert torch.equal(got, expected)
     assert 0 < torch.count_nonzero(got) < got.numel()
+
+
+def test_kept_gradient_buffers_hold_the_same_gradients_and_are_reused():
+    """grads_in_place: backward writes .grad into buffers kept across steps; values as autograd's."""
+    weights = [torch.randn(s) for s in SHAPES] + [torch.randn(3, 4)]
+    rows = torch.tensor([0, 2])
+    ref = loss_and_grads(make_diff(True, torch.float32), True, 2, rows, weights)[2]
+    diff = make_diff(True, torch.float32)
+    diff.grads_in_place = True
+    first = loss_and_grads(diff, True, 2, rows, weights)[2]
+    kept = diff.kept_grads.grads
+    assert kept is not None and first[0] is kept[0] and first[1] is kept[1]
+    for a, b in zip(first, ref):
+        assert torch.equal(a, b)
+    second = loss_and_grads(diff, True, 2, rows, weights)[2]  # .grad set to None in between, as zero_grad does
+    assert second[0] is kept[0] and torch.equal(second[1], ref[1])
+
+
+def test_kept_buffers_step_aside_wherever_autograd_must_accumulate():
+    weights = [torch.randn(s) for s in SHAPES]
+    diff = make_diff(False, torch.float32)
+    diff.grads_in_place = True
+
+    def loss():
+        torch.manual_seed(1)
+        parts, _ = diff.step_pieces()
+        return sum((p * wt).sum() for p, wt in zip(parts, weights)) + 0.5 * diff.expected_l0()
+
+    loss().backward()
+    once = [diff.w.grad.clone(), diff.log_alpha.grad.clone()]
+    loss().backward()  # gradient accumulation: .grad is taken, autograd adds into it
+    assert torch.allclose(diff.w.grad, 2 * once[0]) and torch.allclose(diff.log_alpha.grad, 2 * once[1])
+    diff.w.grad = diff.log_alpha.grad = None
+    grads = torch.autograd.grad(loss(), [diff.w, diff.log_alpha])  # returned, not written to .grad
+    assert torch.allclose(grads[0], once[0]) and torch.allclose(grads[1], once[1])
+    assert diff.w.grad is None and diff.log_alpha.grad is None
+    other = torch.zeros((), requires_grad=True)
+    (loss() + other).backward(inputs=[other])  # w and α not asked for: left alone
+    assert diff.w.grad is None and diff.log_alpha.grad is None
+    diff.grads_in_place = False
+    assert diff.kept_grads.grads is None
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_pieces_with_bases_are_theta_plus_delta(compiled, monkeypatch):
+    """With θ given, each piece is θ + δ from the same pass, and the gradients are unchanged."""
+    monkeypatch.setattr(hc.kernels, "enabled", compiled)
+    weights = [torch.randn(s, dtype=torch.float64) for s in SHAPES] + [torch.randn(3, 4, dtype=torch.float64)]
+    bases = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    rows = torch.tensor([1])
+    diff = make_diff(True, torch.float64)
+    ref = loss_and_grads(diff, False, 2, rows, weights)
+    for p in diff.parameters():
+        p.grad = None
+    torch.manual_seed(1)
+    parts, rows_delta = diff.step_pieces(2, rows, bases=bases)
+    loss = 0.7 * diff.expected_l0() + (rows_delta * weights[-1][:1]).sum()
+    for i, part in enumerate(parts):
+        if part is not None:
+            assert torch.allclose(part - bases[i], ref[1][i if i < 2 else i - 1])
+            loss = loss + ((part - bases[i]) * weights[i]).sum()
+    loss.backward()
+    assert parts[2] is None
+    for got, want in zip([diff.w.grad, diff.log_alpha.grad, diff.group_log_alpha.grad], ref[2]):
+        assert torch.allclose(got, want, atol=1e-10)

@@ -108,10 +108,11 @@ class DeltaModel(nn.Module):
                 rows = None
                 if skip is not None and input_ids is not None:
                     rows, inverse = torch.unique(input_ids, return_inverse=True)
-                pieces, rows_delta = self.source.step_pieces(skip, rows)
+                bases = [self.base.get_parameter(name) for name in layout.names]
+                pieces, rows_delta = self.source.step_pieces(skip, rows, bases=bases)  # θ + δ already
                 self._step_rows = (input_ids, rows, inverse, rows_delta) if rows is not None else None
-            else:
-                pieces = self.source.pieces(skip)
+                return {name: part for name, part in zip(layout.names, pieces) if part is not None}
+            pieces = self.source.pieces(skip)
             return {name: self.base.get_parameter(name) + part
                     for name, part in zip(layout.names, pieces) if part is not None}
         params = {}

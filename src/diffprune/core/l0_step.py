@@ -12,12 +12,60 @@ Plain torch; `L0Diff.step_pieces` is the only caller.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from . import hard_concrete as hc
+
+
+class KeptGrads:
+    """w's and α's gradient buffers, kept by an `L0Diff` from one training step to the next.
+
+    On a CPU every fresh tensor of tens of MB comes straight from mmap and is paid again in page faults
+    on its first write. Measured on a MiniLM step: the fused backward took 55 ms writing into fresh
+    gradients against 18 ms into kept ones, the penalty's gradient over the word embedding 42 against 4;
+    the whole L0 step went from ~1.20x to ~1.06x the time of a full-finetuning step, for ~0.05x more
+    peak memory (the kept buffers are alive during the forward pass too).
+
+    Only while `enabled` (the trainer's L0 phase turns it on), backward writes the two gradients into
+    the kept buffers and sets them as `.grad` itself, instead of handing fresh tensors to autograd. And
+    only where autograd would do exactly that: a plain `.backward()` that reaches both parameters, `.grad`
+    empty, no hooks on them, no create_graph, no process group (DDP and its kin wait on autograd's own
+    accumulation). Anywhere else the gradients go back to autograd as usual, so the values are the same
+    either way; only the memory they live in differs. The next step overwrites a buffer, as it would any
+    `.grad` after `zero_grad(set_to_none=False)`.
+    """
+
+    def __init__(self):
+        self.enabled = False
+        self.grads: tuple[Tensor, Tensor] | None = None
+        self.accumulators: tuple | None = None  # autograd's AccumulateGrad nodes of (w, α)
+
+    def watch(self, w: Tensor, log_alpha: Tensor) -> None:
+        """Keep the parameters' AccumulateGrad nodes (needs grad mode) for `grad_targets`."""
+        if self.enabled and self.accumulators is None and torch.is_grad_enabled() and w.is_leaf:
+            self.accumulators = tuple(p.view_as(p).grad_fn.next_functions[0][0] for p in (w, log_alpha))
+
+    def grad_targets(self, w: Tensor, log_alpha: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The kept gradient buffers if this backward may write `.grad` itself (see the class), else None."""
+        if not self.enabled or self.accumulators is None or torch.is_grad_enabled():
+            return None
+        for p in (w, log_alpha):
+            if (not p.is_leaf or p.grad is not None or getattr(p, "_backward_hooks", None)
+                    or getattr(p, "_post_accumulate_grad_hooks", None)):
+                return None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return None
+        try:  # False under .backward(inputs=[…]) without them; raises under torch.autograd.grad
+            if not all(torch._C._will_engine_execute_node(node) for node in self.accumulators):
+                return None
+        except Exception:  # noqa: BLE001 - any doubt: let autograd accumulate
+            return None
+        if self.grads is None or self.grads[0].shape != w.shape or self.grads[0].device != w.device:
+            self.grads = (torch.empty_like(w), torch.empty_like(log_alpha))
+        return self.grads
 
 
 @dataclass
@@ -32,10 +80,13 @@ class StepPlan:
     rows: Tensor | None
     left: float
     right: float
+    bases: list[Tensor] | None = None  # θ per tensor: the outputs are then θ + δ rather than δ
+    kept: KeptGrads = field(default_factory=KeptGrads)
 
 
 class L0Step(torch.autograd.Function):
-    """Outputs: one δ per gated tensor (in layout order, the skipped one left out), δ of the used rows of
+    """Outputs: one δ (θ + δ when the plan has `bases`) per gated tensor (in layout order, the skipped one
+    left out), δ of the used rows of
     the skipped tensor (empty when there is none), and E‖δ‖₀ (structured: Σ_g P(z^g > 0) Σ_{i∈g} P(z_i > 0)).
 
     `group_z` (sampled group gates) and `group_p` (their P(z^g > 0)) come from autograd outside, so their
@@ -46,31 +97,32 @@ class L0Step(torch.autograd.Function):
     def forward(ctx, w, log_alpha, group_z, group_p, plan: StepPlan, generator):
         ctx.set_materialize_grads(False)
         left, right, offs = plan.left, plan.right, plan.offsets
-        pieces, zs = [], []
+        pieces, zs, sums = [], [], [None] * len(plan.numels)  # sums: Σ P(z > 0) per tensor
+        one = torch.ones((), dtype=w.dtype, device=w.device)
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
         for a, b in plan.ranges:
             start, stop = offs[a], offs[b]
-            u = torch.rand(stop - start, dtype=w.dtype, device=w.device, generator=generator)
-            z, delta = hc.kernels._gate_forward(u, log_alpha[start:stop], w[start:stop], left, right)
-            zs.append(z)
-            for i, part in zip(range(a, b), torch.split(delta, plan.numels[a:b])):
-                part = part.view(plan.shapes[i])
-                pieces.append(part * group_z[i] if group_z is not None else part)
+            z = hc.uniform(stop - start, w.dtype, w.device, generator)
+            zs.append(z)  # noise now, each tensor's gate once its kernel has run
+            for i in range(a, b):
+                lo, hi = offs[i], offs[i + 1]
+                theta = plan.bases[i].reshape(-1) if plan.bases is not None else zero
+                out, sums[i] = hc.kernels._gate_apply_(z[lo - start:hi - start], log_alpha[lo:hi], w[lo:hi],
+                                                       theta, group_z[i] if group_z is not None else one,
+                                                       left, right)
+                pieces.append(out.view(plan.shapes[i]))
         rows_delta, z_rows = w.new_zeros(0), None
         if plan.skip is not None and plan.rows is not None:
             w_rows, a_rows = _rows_of(plan, w, plan.rows), _rows_of(plan, log_alpha, plan.rows)
-            u = torch.rand(w_rows.shape, dtype=w.dtype, device=w.device, generator=generator)
+            u = hc.uniform(w_rows.shape, w.dtype, w.device, generator)
             z_rows, rows_delta = hc.kernels._gate_forward(u, a_rows, w_rows, left, right)
             if group_z is not None:
                 rows_delta = rows_delta * group_z[plan.skip]
         shift = hc.log_ratio(left, right)
-        if group_p is None:
-            per_group = None
-            l0 = hc.kernels._l0_forward(log_alpha, shift)
-        else:
-            p = torch.sigmoid(log_alpha - shift)
-            per_group = torch.segment_reduce(p, "sum", lengths=torch.tensor(plan.numels, device=p.device))
-            del p
-            l0 = (per_group * group_p).sum()
+        if plan.skip is not None:
+            sums[plan.skip] = hc.kernels._l0_forward(log_alpha[offs[plan.skip]:offs[plan.skip + 1]], shift)
+        per_group = torch.stack(sums)
+        l0 = (per_group * group_p).sum() if group_p is not None else per_group.sum()
         ctx.save_for_backward(w, log_alpha, group_z, group_p)
         ctx.zs, ctx.z_rows, ctx.per_group, ctx.plan, ctx.shift = zs, z_rows, per_group, plan, shift
         return (*pieces, rows_delta, l0)
@@ -82,7 +134,8 @@ class L0Step(torch.autograd.Function):
         *piece_grads, grad_rows, grad_l0 = grads
         one = torch.ones((), dtype=w.dtype, device=w.device)
         grad_l0 = grad_l0 if grad_l0 is not None else torch.zeros_like(one)
-        grad_w, grad_alpha = torch.empty_like(w), torch.empty_like(log_alpha)
+        targets = plan.kept.grad_targets(w, log_alpha)
+        grad_w, grad_alpha = targets if targets is not None else (torch.empty_like(w), torch.empty_like(log_alpha))
         grad_group_z = torch.zeros_like(group_z) if group_z is not None else None
 
         def scales(i):  # (group gate of tensor i, the penalty's weight on its entries)
@@ -124,6 +177,9 @@ class L0Step(torch.autograd.Function):
                 if grad_group_z is not None:
                     grad_group_z[i] = (grad_rows * z * w_rows).sum()
         grad_group_p = grad_l0 * ctx.per_group if group_p is not None else None
+        if targets is not None:  # written where autograd would have put them (KeptGrads)
+            w.grad, log_alpha.grad = grad_w, grad_alpha
+            grad_w = grad_alpha = None
         return grad_w, grad_alpha, grad_group_z, grad_group_p, None, None
 
 

@@ -76,6 +76,7 @@ class DiffPruning(FixedMaskMixin, Method):
         c = self.config
         if phase == "l0":
             source = L0Diff(self.layout, c.structured, c.alpha_init, c.left, c.right)
+            source.grads_in_place = True  # the trainer calls loss.backward(); see KeptGrads
             self.delta_model = DeltaModel(self.model, source, self.head_names, c.gate_used_rows)
             alphas = [source.log_alpha] + ([source.group_log_alpha] if c.structured else [])
             groups = [ParamGroup("diff", [source.w], c.lr, c.weight_decay),
@@ -101,6 +102,7 @@ class DiffPruning(FixedMaskMixin, Method):
         if phase != "l0":
             return
         source = self.delta_model.source
+        source.grads_in_place = False  # frees the kept gradient buffers before the projection's temporaries
         generator = torch.Generator().manual_seed(self.config.seed)
         delta = source.final_delta(generator)  # u sampled once: many entries exactly 0
         self.phase_stats["l0"] = {"nonzero_frac": float((delta != 0).float().mean()),
