@@ -27,6 +27,24 @@ from pathlib import Path
 import torch
 
 
+def mac_ceiling(config, pruned: dict, length: int) -> tuple[float, float]:
+    """(share of the encoder's per-token multiply-adds that the pruned heads carried, the speed-up that
+    removing exactly those would give). Per layer and token: q, k, v and the output projection take
+    4·h·(kept heads)·d_head, scores and the weighted sum 2·length·(kept heads)·d_head, the feed-forward
+    block 2·h·intermediate; the rest (norms, softmax, GELU, embeddings) is left out. An upper bound for
+    the measured speed-up, up to the cost of softmax over the removed heads."""
+    h, heads, inter = config.hidden_size, config.num_attention_heads, config.intermediate_size
+    d_head = h // heads
+
+    def layer(kept: int) -> float:
+        return 4 * h * kept * d_head + 2 * length * kept * d_head + 2 * h * inter
+
+    layers = config.num_hidden_layers
+    before = layers * layer(heads)
+    after = sum(layer(heads - len(pruned.get(i, pruned.get(str(i), ())))) for i in range(layers))
+    return 1.0 - after / before, before / after
+
+
 def timed(model, batch, batches: int) -> float:
     """Seconds for `batches` forward passes (no_grad)."""
     with torch.no_grad():
@@ -132,6 +150,9 @@ def main() -> None:
     for name, model in models.items():
         print(f"| {name} | {count_parameters(model):,} | {speed[name]:.1f} | "
               f"{speed[name] / speed['unpruned']:.2f}x |")
+    removed, ceiling = mac_ceiling(base.config, pl.pruned, args.length)
+    print(f"\nThe pruned heads carried {100 * removed:.1f}% of the encoder's per-token multiply-adds at length "
+          f"{args.length}: removing them can give at most ~{ceiling:.2f}x (benchmarks/prune_lora.py:mac_ceiling).")
     print("\nParameters (task head included):\n")
     print("| method | in the trained model | vs full | trainable | trainable % | at inference (merged) | vs full |")
     print("|---|---:|---:|---:|---:|---:|---:|")

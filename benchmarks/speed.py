@@ -5,7 +5,8 @@
 
 Each configuration runs in its own process (so peak memory is its own), with the real method plug-ins
 and the same fused AdamW the trainer uses; rounds alternate the configurations so that machine noise
-hits all of them alike, and the best round of each is kept. Printed as ratios to full finetuning.
+hits all of them alike, and the best round of each is kept. Printed as ratios to full finetuning, with
+the median over rounds of each round's own ratio next to it (on a noisy machine the two can differ).
 Memory is the process's peak resident set (ru_maxrss): "peak" is absolute, "train" is the growth over
 the process's footprint after the model was loaded, i.e. what training itself adds.
 """
@@ -15,6 +16,7 @@ import argparse
 import gc
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -98,7 +100,9 @@ def main() -> None:
         return
     modes = args.modes.split(",")
     best: dict[str, dict] = {}
+    rounds: list[dict[str, float]] = []  # s/step per mode, per round: for the paired median ratio
     for r in range(args.rounds):
+        rounds.append({})
         for mode in modes:
             cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--batch", str(args.batch),
                    "--length", str(args.length), "--steps", str(args.steps)]
@@ -106,24 +110,30 @@ def main() -> None:
             if out.returncode != 0:
                 sys.exit(f"{mode} failed:\n{out.stderr[-2000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
+            rounds[-1][mode] = res["seconds_per_step"]
             print(f"round {r + 1} {mode:<14} {res['seconds_per_step']:.3f} s/step  peak {res['peak_rss_mb']:.0f} MiB",
                   file=sys.stderr, flush=True)
             if mode not in best or res["seconds_per_step"] < best[mode]["seconds_per_step"]:
                 best[mode] = {**res, "peak_rss_mb": min(res["peak_rss_mb"], best.get(mode, res)["peak_rss_mb"])}
     ref = best.get("full")
-    print(f"\n{args.model}, batch {args.batch}, length {args.length}, {args.steps} timed steps, best of {args.rounds}\n")
-    print("| phase | trainable | s/step | time vs full | peak RSS MiB | peak vs full | training RSS MiB | training vs full |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n{args.model}, batch {args.batch}, length {args.length}, {args.steps} timed steps, best of {args.rounds}"
+          " rounds; 'median' is the median over rounds of the ratio to full finetuning in the same round\n")
+    print("| phase | trainable | s/step | time vs full | median | peak RSS MiB | peak vs full | training RSS MiB | "
+          "training vs full |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode in modes:
         b = best[mode]
         rt = b["seconds_per_step"] / ref["seconds_per_step"] if ref else float("nan")
+        paired = sorted(r[mode] / r["full"] for r in rounds) if ref else [float("nan")]
+        med = statistics.median(paired)
         rm = b["peak_rss_mb"] / ref["peak_rss_mb"] if ref else float("nan")
         rtr = b["train_rss_mb"] / ref["train_rss_mb"] if ref else float("nan")
-        print(f"| {mode} | {b['trainable']:,} | {b['seconds_per_step']:.3f} | {rt:.2f}x | {b['peak_rss_mb']:.0f} | "
+        print(f"| {mode} | {b['trainable']:,} | {b['seconds_per_step']:.3f} | {rt:.2f}x | {med:.2f}x | "
+              f"{b['peak_rss_mb']:.0f} | "
               f"{rm:.2f}x | {b['train_rss_mb']:.0f} | {rtr:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(best, f, indent=2)
+            json.dump({"best": best, "rounds": rounds}, f, indent=2)
 
 
 if __name__ == "__main__":
