@@ -6,7 +6,9 @@ rows are scattered into a zero-filled tensor, and the penalty's gradient is adde
 d-sized pass and temporary). On a CPU those copies and fresh allocations cost as much as the gate itself.
 `L0Step` instead takes w, α (and the group gates) whole and, in backward, writes each tensor's gradient
 straight into its slice of two flat buffers with one fused kernel (`hard_concrete._gate_backward_into`),
-penalty included. The values are exactly those of the composite formula (tested against it).
+penalty included. Its forward makes each tensor's θ + δ and its share of E‖δ‖₀ in one pass
+(`hard_concrete._gate_apply_`), and the two flat buffers can be kept from step to step (`KeptGrads`).
+The values are those of the composite formula (tested against it).
 
 Plain torch; `L0Diff.step_pieces` is the only caller.
 """
