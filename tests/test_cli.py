@@ -154,3 +154,28 @@ def test_inspect_dense_method_reports_params_per_task(tmp_path, tiny_model_dir, 
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "parameters stored per task" in text and "sparsity" not in text
+
+
+def test_l0_phase_uses_kept_gradient_buffers_and_trains_the_same(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """Under the Trainer every L0 step writes into the kept buffers, and the result is bit for bit that of
+    autograd's own gradients (the same run with the buffers refused)."""
+    from safetensors.torch import load_file
+
+    from diffprune.core.l0_step import KeptGrads
+
+    real = KeptGrads.grad_targets
+    hits = []
+
+    def counted(self, w, log_alpha):
+        got = real(self, w, log_alpha)
+        hits.append(got is not None)
+        return got
+
+    monkeypatch.setattr(KeptGrads, "grad_targets", counted)
+    assert main(train_args(tiny_model_dir, data_dir, tmp_path / "kept", "--structured", "--seed", "3")) == 0
+    assert hits == [True] * 3  # 48 examples / batch 16: three L0 steps, each backward into the buffers
+    monkeypatch.setattr(KeptGrads, "grad_targets", lambda self, w, log_alpha: None)
+    assert main(train_args(tiny_model_dir, data_dir, tmp_path / "plain", "--structured", "--seed", "3")) == 0
+    kept = load_file(str(tmp_path / "kept" / "diff" / "diff.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "diff" / "diff.safetensors"))
+    assert kept.keys() == plain.keys() and all(torch.equal(kept[k], plain[k]) for k in kept)
