@@ -165,8 +165,8 @@ class _Kernels:
     generator state gives the same gates either way.
     """
 
-    names = ("_gate_forward", "_gate_apply_", "_gate_backward", "_gate_backward_into", "_penalty_grad_into", "_l0_forward",
-             "_l0_backward")  # _gate_slope is inlined into the ones that use it
+    names = ("_gate_forward", "_gate_apply_", "_gate_backward", "_gate_backward_into", "_penalty_grad_into",
+             "_l0_forward", "_l0_backward")  # _gate_slope is inlined into the ones that use it
 
     def __init__(self):
         flag = os.environ.get("DIFFPRUNE_COMPILE", "1").strip().lower()
