@@ -88,7 +88,7 @@ class L0Diff(nn.Module):
     @property
     def grads_in_place(self) -> bool:
         """Whether `step_pieces`' backward may write w's and α's gradients into kept buffers (`KeptGrads`
-        says when it does): saves a MiniLM step ~15% of its time in page faults. Off by default; the
+        says when it does): saves a MiniLM step ~12% of its time in page faults. Off by default; the
         trainer's L0 phase turns it on. Gradients are the same either way."""
         return self.kept_grads.enabled
 

@@ -27,8 +27,8 @@ class KeptGrads:
 
     On a CPU every fresh tensor of tens of MB comes straight from mmap and is paid again in page faults
     on its first write. Measured on a MiniLM step: the fused backward took 55 ms writing into fresh
-    gradients against 18 ms into kept ones, the penalty's gradient over the word embedding 42 against 4;
-    the whole L0 step went from ~1.20x to ~1.06x the time of a full-finetuning step, for ~0.05x more
+    gradients against 15 ms into kept ones, the penalty's gradient over the word embedding 42 against 4;
+    the whole L0 step went from ~1.20x to ~1.06x the time of a full-finetuning step, for ~0.02x more
     peak memory (the kept buffers are alive during the forward pass too).
 
     Only while `enabled` (the trainer's L0 phase turns it on), backward writes the two gradients into
@@ -88,8 +88,8 @@ class StepPlan:
 
 class L0Step(torch.autograd.Function):
     """Outputs: one δ (θ + δ when the plan has `bases`) per gated tensor (in layout order, the skipped one
-    left out), δ of the used rows of
-    the skipped tensor (empty when there is none), and E‖δ‖₀ (structured: Σ_g P(z^g > 0) Σ_{i∈g} P(z_i > 0)).
+    left out), δ of the used rows of the skipped tensor (empty when there is none), and E‖δ‖₀
+    (structured: Σ_g P(z^g > 0) Σ_{i∈g} P(z_i > 0)).
 
     `group_z` (sampled group gates) and `group_p` (their P(z^g > 0)) come from autograd outside, so their
     own gradients (into the group α) stay ordinary autograd on G numbers.
