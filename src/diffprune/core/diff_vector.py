@@ -178,8 +178,8 @@ class L0Diff(nn.Module):
         layout = self.layout
         bounds = [(0, len(layout))] if skip is None else [(0, skip), (skip + 1, len(layout))]
         plan = StepPlan(layout.numels, layout.shapes, layout.offsets, [(a, b) for a, b in bounds if b > a],
-                        skip, rows if skip is not None else None, self.left, self.right,
-                        list(bases) if bases is not None else None, self.kept_grads)
+                        skip, rows if skip is not None else None, self.left, self.right, self.kept_grads,
+                        list(bases) if bases is not None else None)
         self.kept_grads.watch(self.w, self.log_alpha)
         group_z = group_p = None
         if self.structured:

@@ -86,11 +86,17 @@ def sample_gate(log_alpha: Tensor, left: float = LEFT, right: float = RIGHT,
     return gate_from_noise(log_alpha, sample_uniform(log_alpha, generator), left, right)
 
 
+def _gate_of(u: Tensor, neg_exp_alpha: Tensor, left: float, right: float) -> Tensor:
+    """z for noise u given e^−α: sigmoid(logit u + α) = u / (u + (1 − u) e^−α), one transcendental (e^−α)
+    instead of three, and finite for any α. The kernels below inline it when compiled."""
+    u = u.clamp(EPS, 1.0 - EPS)
+    s = u / (u + (1.0 - u) * neg_exp_alpha)
+    return (s * (right - left) + left).clamp(0.0, 1.0)
+
+
 def _gate_forward(u: Tensor, log_alpha: Tensor, w: Tensor, left: float, right: float) -> tuple[Tensor, Tensor]:
     """(z, z ⊙ w) for uniform noise u: the elementwise body of `sampled_product`, one pass when compiled."""
-    u = u.clamp(EPS, 1.0 - EPS)
-    s = u / (u + (1.0 - u) * torch.exp(-log_alpha))  # sigmoid(logit u + α) with one transcendental
-    z = (s * (right - left) + left).clamp(0.0, 1.0)
+    z = _gate_of(u, torch.exp(-log_alpha), left, right)
     return z, z * w
 
 
@@ -103,10 +109,8 @@ def _gate_apply_(u: Tensor, log_alpha: Tensor, w: Tensor, theta: Tensor, scale: 
     MiniLM step) and no second read of α for the penalty. sigmoid(logit u + α) = u / (u + (1 − u) e^−α)
     and P(z > 0) = sigmoid(α − c) = 1 / (1 + (−l / r) e^−α) share one exponential.
     """
-    v = u.clamp(EPS, 1.0 - EPS)
     e = torch.exp(-log_alpha)
-    s = v / (v + (1.0 - v) * e)
-    z = (s * (right - left) + left).clamp(0.0, 1.0)
+    z = _gate_of(u, e, left, right)
     u.copy_(z)
     return theta + (z * w) * scale, (1.0 / (1.0 + (-left / right) * e)).sum()
 
@@ -166,7 +170,7 @@ class _Kernels:
     """
 
     names = ("_gate_forward", "_gate_apply_", "_gate_backward", "_gate_backward_into", "_penalty_grad_into",
-             "_l0_forward", "_l0_backward")  # _gate_slope is inlined into the ones that use it
+             "_l0_forward", "_l0_backward")  # _gate_slope and _gate_of are inlined into these
 
     def __init__(self):
         flag = os.environ.get("DIFFPRUNE_COMPILE", "1").strip().lower()

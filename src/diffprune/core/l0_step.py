@@ -14,7 +14,7 @@ Plain torch; `L0Diff.step_pieces` is the only caller.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -82,8 +82,8 @@ class StepPlan:
     rows: Tensor | None
     left: float
     right: float
+    kept: KeptGrads  # the owner's gradient buffers
     bases: list[Tensor] | None = None  # θ per tensor: the outputs are then θ + δ rather than δ
-    kept: KeptGrads = field(default_factory=KeptGrads)
 
 
 class L0Step(torch.autograd.Function):
