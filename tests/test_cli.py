@@ -179,3 +179,29 @@ def test_l0_phase_uses_kept_gradient_buffers_and_trains_the_same(tmp_path, tiny_
     kept = load_file(str(tmp_path / "kept" / "diff" / "diff.safetensors"))
     plain = load_file(str(tmp_path / "plain" / "diff" / "diff.safetensors"))
     assert kept.keys() == plain.keys() and all(torch.equal(kept[k], plain[k]) for k in kept)
+
+
+def test_alpha_hold_freezes_the_gates_for_the_first_share_of_the_l0_phase(tmp_path, tiny_model_dir, data_dir,
+                                                                         monkeypatch):
+    """With alpha_hold=0.5 of a 6-step L0 phase, α stays at α₀ through the first 3 optimizer steps while w
+    trains, and moves from the 4th on; without the hold it moves at the first step."""
+    from diffprune.core.l0_step import KeptGrads
+
+    real = KeptGrads.grad_targets
+    seen = []  # (w, log_alpha) as each L0 backward finds them, i.e. after the previous optimizer step
+
+    def record(self, w, log_alpha):
+        seen.append((w.detach().clone(), log_alpha.detach().clone()))
+        return real(self, w, log_alpha)
+
+    monkeypatch.setattr(KeptGrads, "grad_targets", record)
+    assert main(train_args(tiny_model_dir, data_dir, tmp_path / "hold", "--l0-epochs", "2", "--seed", "3",
+                           "--set", "alpha_hold=0.5", "--set", "alpha_lr=0.1")) == 0
+    assert len(seen) == 6
+    alphas = [a for _, a in seen]
+    assert all(torch.equal(alphas[0], a) for a in alphas[1:4])
+    assert not torch.equal(alphas[3], alphas[4])
+    assert not torch.equal(seen[0][0], seen[1][0])  # w trains during the hold
+    seen.clear()
+    assert main(train_args(tiny_model_dir, data_dir, tmp_path / "free", "--l0-epochs", "2", "--seed", "3")) == 0
+    assert not torch.equal(seen[0][1], seen[1][1])

@@ -183,3 +183,17 @@ def test_l0_warmup_ramps_lambda_and_is_validated():
     assert float(spec.penalty(0.0).detach()) == 0.0 and float(spec.penalty(1.0).detach()) == pytest.approx(expected)
     with pytest.raises(DiffpruneError, match="l0_warmup"):
         make_config(cls, {"l0_warmup": 1.0})
+
+
+def test_group_schedule_hold_gives_zero_then_the_schedule():
+    from diffprune.errors import DiffpruneError
+    from diffprune.train.trainer import group_lambda
+
+    constant = group_lambda("constant", warmup=0, total=10, hold=4)
+    assert [constant(s) for s in range(6)] == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    linear = group_lambda("linear", warmup=0, total=10, hold=2)
+    assert [linear(s) for s in (0, 1, 2, 5, 9)] == [0.0, 0.0, 0.8, 0.5, 0.1]
+    assert group_lambda("linear", 2, 10)(0) == 0.5  # no hold: the warmup as before
+    cls = get_method("diff-pruning")
+    with pytest.raises(DiffpruneError, match="alpha_hold"):
+        make_config(cls, {"alpha_hold": 1.0})

@@ -35,6 +35,7 @@ class ParamGroup:
     weight_decay: float = 0.0
     schedule: str = "linear"  # "linear" (warmup then linear decay) or "constant"
     eps: float = 1e-8
+    hold: float = 0.0  # share of the phase's first steps with learning rate 0 (the group waits, frozen)
 
 
 @dataclass

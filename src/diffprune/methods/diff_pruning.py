@@ -32,6 +32,12 @@ class DiffPruningConfig(MethodConfig):
     # gets no task gradient and Adam drives every α down at alpha_lr per step; on short budgets the gates
     # close before w has learnt anything (seen on MRPC: E‖δ‖₀/d 99% → 3% in 80 steps, dev at majority).
     l0_warmup: float = 0.0
+    # Share of the L0 phase during which α is held (learning rate 0): w and the head train with every gate
+    # open, and the gates start to close only after. Not in the paper. The λ ramp above does not delay the
+    # closing much, because AdamW normalises α's steps: even a small λ moves every α by ~alpha_lr per step
+    # while w is still ~0 and gives α no task gradient (seen on RTE: E‖δ‖₀/d 96% → 10% by step 60 of a
+    # 78-step ramp). Holding α is the warm-up that survives Adam.
+    alpha_hold: float = 0.0
     alpha_lr: float = 0.1       # constant AdamW learning rate of the gate parameters α
     alpha_eps: float = 1e-8     # AdamW eps of α: with Adam it sets the sparsity reached as much as λ does
     alpha_init: float = 5.0     # α₀: sigmoid(5)·3 − 1.5 > 1, so every gate starts fully open
@@ -53,6 +59,8 @@ class DiffPruningConfig(MethodConfig):
         self.check_positive(alpha_lr=self.alpha_lr, l0_epochs=self.l0_epochs)
         if not 0.0 <= self.l0_warmup < 1.0:
             raise DiffpruneError(f"l0_warmup is a share of the L0 phase in [0, 1), got {self.l0_warmup}")
+        if not 0.0 <= self.alpha_hold < 1.0:
+            raise DiffpruneError(f"alpha_hold is a share of the L0 phase in [0, 1), got {self.alpha_hold}")
 
 
 @register
@@ -80,7 +88,8 @@ class DiffPruning(FixedMaskMixin, Method):
             self.delta_model = DeltaModel(self.model, source, self.head_names, c.gate_used_rows)
             alphas = [source.log_alpha] + ([source.group_log_alpha] if c.structured else [])
             groups = [ParamGroup("diff", [source.w], c.lr, c.weight_decay),
-                      ParamGroup("alpha", alphas, c.alpha_lr, 0.0, schedule="constant", eps=c.alpha_eps),
+                      ParamGroup("alpha", alphas, c.alpha_lr, 0.0, schedule="constant", eps=c.alpha_eps,
+                                 hold=c.alpha_hold),
                       self.head_group()]
             d = float(self.layout.total)
             return PhaseSpec("l0", self.delta_model, groups, c.l0_epochs,

@@ -24,19 +24,21 @@ from transformers import Trainer, TrainerCallback
 from ..methods.base import PhaseSpec
 
 
-def group_lambda(schedule: str, warmup: int, total: int):
-    """LR multiplier per step: linear warmup then linear decay to 0, or constant."""
-    if schedule == "constant":
-        return lambda step: 1.0
-    if schedule != "linear":
+def group_lambda(schedule: str, warmup: int, total: int, hold: int = 0):
+    """LR multiplier per step: linear warmup then linear decay to 0, or constant; 0 for the first `hold` steps."""
+    if schedule not in ("constant", "linear"):
         raise ValueError(f"unknown schedule {schedule!r}")
 
-    def linear(step: int) -> float:
+    def multiplier(step: int) -> float:
+        if step < hold:
+            return 0.0
+        if schedule == "constant":
+            return 1.0
         if step < warmup:
             return (step + 1) / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
 
-    return linear
+    return multiplier
 
 
 def make_adamw(groups: list[dict]) -> torch.optim.AdamW:
@@ -73,7 +75,8 @@ class PhaseTrainer(Trainer):
         if self.lr_scheduler is None:
             optimizer = optimizer or self.optimizer
             warmup = int(math.ceil(self.warmup_fraction * num_training_steps))
-            lambdas = [group_lambda(g.schedule, warmup, num_training_steps) for g in self.phase.groups if g.params]
+            lambdas = [group_lambda(g.schedule, warmup, num_training_steps, int(round(g.hold * num_training_steps)))
+                       for g in self.phase.groups if g.params]
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return self.lr_scheduler
 
