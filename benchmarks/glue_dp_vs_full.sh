@@ -19,7 +19,7 @@ TASKS=${TASKS:-mrpc rte}
 EPOCHS=${EPOCHS:-4}
 SEED=${SEED:-42}
 RUNS=${RUNS:-full dp-structured}  # one of them per process lets two runs share the cores side by side
-HALF=$(python3 -c "print($EPOCHS / 2)")
+HALF=$($PY -c "print($EPOCHS / 2)")
 mkdir -p "$OUT"
 for task in $TASKS; do
   run() {  # name, then method flags

@@ -31,6 +31,7 @@ class DiffPruningConfig(MethodConfig):
     # Share of the L0 phase over which λ ramps linearly from 0. Not in the paper: at the start w = 0, so α
     # gets no task gradient and Adam drives every α down at alpha_lr per step; on short budgets the gates
     # close before w has learnt anything (seen on MRPC: E‖δ‖₀/d 99% → 3% in 80 steps, dev at majority).
+    # The ramp alone slows this little (see alpha_hold); it stays for the runs made with it.
     l0_warmup: float = 0.0
     # Share of the L0 phase during which α is held (learning rate 0): w and the head train with every gate
     # open, and the gates start to close only after. Not in the paper. The λ ramp above does not delay the
