@@ -8,6 +8,8 @@
 # (alpha_hold) for the first half of the L0 phase: w learns with every gate open, then the gates close.
 # Without it they close within ~60 steps whatever the λ ramp (AdamW normalises α's steps), before w has
 # learnt anything on a task as slow to start as RTE.
+# DP_EXTRA adds flags to the Diff Pruning run (e.g. DP_EXTRA="--set alpha_lr=0.04 --set alpha_hold=0.25";
+# a later --set of the same key wins).
 # Each run is resumable (--resume) and its metrics land in OUT/<task>-<method>/metrics.json as it finishes;
 # benchmarks/table.py turns them into the Markdown table.
 set -u
@@ -18,6 +20,7 @@ MAX_TRAIN=${MAX_TRAIN:-1500}
 TASKS=${TASKS:-mrpc rte}
 EPOCHS=${EPOCHS:-4}
 SEED=${SEED:-42}
+DP_EXTRA=${DP_EXTRA:-}
 RUNS=${RUNS:-full dp-structured}  # one of them per process lets two runs share the cores side by side
 HALF=$($PY -c "print($EPOCHS / 2)")
 mkdir -p "$OUT"
@@ -34,6 +37,6 @@ for task in $TASKS; do
   run full --method full --epochs $EPOCHS --lr 1e-4
   # dense-phase learning rate as for full finetuning; the sparse fixed-mask phase gets a higher one
   run dp-structured --method diff-pruning --structured --sparsity 0.005 --l0-epochs $HALF --epochs $HALF --lr 1e-4 \
-    --set fixed_lr=5e-4 --set alpha_hold=0.5
+    --set fixed_lr=5e-4 --set alpha_hold=0.5 $DP_EXTRA
 done
 $PY benchmarks/table.py "$OUT"
