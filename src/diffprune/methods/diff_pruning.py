@@ -26,7 +26,10 @@ from .sparse import FixedMaskMixin
 class DiffPruningConfig(MethodConfig):
     sparsity: float = 0.005     # t: share of the diff-pruned entries kept by the projection, in (0, 1]
     structured: bool = False    # one extra group gate per pretrained tensor
-    l0_lambda: float = 1.25e-7  # λ, weight of E‖δ‖₀ in the loss (its right size depends on d)
+    # λ, weight of E‖δ‖₀ in the loss: the paper's value. Its pull on each α is λ·∂P(gate open)/∂α,
+    # whatever d is; on a few hundred steps it shuts gates faster than the task can hold them, and
+    # 4e-8 fitted RTE better with MiniLM (README, "Short budgets").
+    l0_lambda: float = 1.25e-7
     l0_epochs: float = 3.0      # epochs of the L0 phase (`epochs` is the fixed-mask phase)
     # Share of the L0 phase over which λ ramps linearly from 0. Not in the paper: at the start w = 0, so α
     # gets no task gradient and Adam drives every α down at alpha_lr per step; on short budgets the gates
