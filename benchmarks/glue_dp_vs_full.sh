@@ -10,7 +10,7 @@
 # learnt anything on a task as slow to start as RTE. λ is 4e-8, not the paper's 1.25e-7: on these few
 # hundred steps 1.25e-7 shut the gates in 40 steps and the surviving diff no longer fitted RTE (55.2 vs
 # 60.6 at 4e-8; benchmarks/RESULTS.md, session 6).
-# DP_EXTRA adds flags to the Diff Pruning run (e.g. DP_EXTRA="--set alpha_lr=0.04 --set alpha_hold=0.25";
+# DP_EXTRA adds flags to the Diff Pruning run (e.g. DP_EXTRA="--set l0_lambda=1.25e-7" for the paper's λ;
 # a later --set of the same key wins).
 # Each run is resumable (--resume) and its metrics land in OUT/<task>-<method>/metrics.json as it finishes;
 # benchmarks/table.py turns them into the Markdown table.
