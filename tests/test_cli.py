@@ -181,9 +181,11 @@ def test_l0_phase_uses_kept_gradient_buffers_and_trains_the_same(tmp_path, tiny_
     assert kept.keys() == plain.keys() and all(torch.equal(kept[k], plain[k]) for k in kept)
 
 
-def test_alpha_hold_freezes_the_gates_for_the_first_share_of_the_l0_phase(tmp_path, tiny_model_dir, data_dir,
-                                                                         monkeypatch):
-    """With alpha_hold=0.5 of a 6-step L0 phase, α stays at α₀ through the first 3 optimizer steps while w
+@pytest.mark.parametrize("hold", [["--set", "alpha_hold=0.5", "--l0-lambda", "1e-3"],  # the paper's mode
+                                  ["--set", "target_hold=0.5", "--set", "target_reach=0.9"]])  # target mode
+def test_a_hold_freezes_the_gates_for_the_first_share_of_the_l0_phase(tmp_path, tiny_model_dir, data_dir,
+                                                                     monkeypatch, hold):
+    """With a hold of 0.5 of a 6-step L0 phase, α stays at α₀ through the first 3 optimizer steps while w
     trains, and moves from the 4th on; without the hold it moves at the first step."""
     from diffprune.core.l0_step import KeptGrads
 
@@ -196,12 +198,26 @@ def test_alpha_hold_freezes_the_gates_for_the_first_share_of_the_l0_phase(tmp_pa
 
     monkeypatch.setattr(KeptGrads, "grad_targets", record)
     assert main(train_args(tiny_model_dir, data_dir, tmp_path / "hold", "--l0-epochs", "2", "--seed", "3",
-                           "--set", "alpha_hold=0.5", "--set", "alpha_lr=0.1")) == 0
+                           *hold, "--set", "alpha_lr=0.1")) == 0
     assert len(seen) == 6
     alphas = [a for _, a in seen]
     assert all(torch.equal(alphas[0], a) for a in alphas[1:4])
     assert not torch.equal(alphas[3], alphas[4])
     assert not torch.equal(seen[0][0], seen[1][0])  # w trains during the hold
     seen.clear()
-    assert main(train_args(tiny_model_dir, data_dir, tmp_path / "free", "--l0-epochs", "2", "--seed", "3")) == 0
+    assert main(train_args(tiny_model_dir, data_dir, tmp_path / "free", "--l0-epochs", "2", "--seed", "3",
+                           "--set", "target_hold=0")) == 0
     assert not torch.equal(seen[0][1], seen[1][1])
+
+
+def test_a_kept_l0_state_is_reused_by_a_run_at_another_sparsity(tmp_path, tiny_model_dir, data_dir):
+    src = tmp_path / "src"
+    assert main(train_args(tiny_model_dir, data_dir, src, "--sparsity", "0.02", "--set", "keep_l0_state=true")) == 0
+    assert (src / "phases" / "l0" / "l0_state.safetensors").is_file()
+    follow = tmp_path / "follow"
+    assert main(train_args(tiny_model_dir, data_dir, follow, "--sparsity", "0.005",
+                           "--set", f"from_l0={json.dumps(str(src))}")) == 0
+    metrics = json.loads((follow / "metrics.json").read_text())
+    assert list(metrics["phases"]) == ["fixed_mask"]
+    stats = metrics["storage"]
+    assert stats["nnz"] == round(0.005 * stats["num_diff_params"])

@@ -4,6 +4,7 @@ import torch
 
 from conftest import make_tiny, random_batch
 from diffprune.core.diff_vector import FixedMaskDiff, L0Diff
+from diffprune.errors import DiffpruneError
 from diffprune.methods import get_method, make_config
 from diffprune.models import head_names_by_convention
 from diffprune.sparse_model import DeltaModel, layout_for, select_parameters
@@ -91,7 +92,10 @@ def test_phases_project_to_exact_sparsity_and_export_roundtrip(tmp_path, structu
     method = cls(cfg, model, head)
     spec = method.build_phase("l0")
     assert [g.name for g in spec.groups] == ["diff", "alpha", "head"]
-    assert spec.groups[1].schedule == "constant" and spec.groups[1].lr == cfg.alpha_lr
+    assert spec.groups[1].schedule == "constant" and spec.groups[1].hold == cfg.target_hold
+    assert not spec.groups[1].clip  # the gates' gradients stay out of gradient clipping
+    spec.plan(40)  # a 20-step density ramp: the gates may move α₀ + 5 in half of it, and α's lr follows
+    assert spec.groups[1].lr == pytest.approx(2 * (0.5 + 5.0) / 20)
     with torch.no_grad():
         spec.model.source.w.normal_()
     method.end_phase("l0")
@@ -197,3 +201,50 @@ def test_group_schedule_hold_gives_zero_then_the_schedule():
     cls = get_method("diff-pruning")
     with pytest.raises(DiffpruneError, match="alpha_hold"):
         make_config(cls, {"alpha_hold": 1.0})
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_from_l0_projects_a_kept_l0_state_to_another_sparsity(tmp_path, structured):
+    """keep_l0_state writes w, α and the head at the end of the L0 phase; a method with from_l0 loads
+    them, runs only its fixed-mask phase, and starts from the same projection the source would make at
+    that sparsity."""
+    import safetensors.torch
+
+    from diffprune.methods.diff_pruning import L0_STATE_FILE
+
+    torch.manual_seed(0)
+    model = make_tiny("bert")
+    head = head_names_by_convention(model)
+    cls = get_method("diff-pruning")
+    source = cls(make_config(cls, dict(sparsity=0.02, structured=structured, keep_l0_state=True)), model, head)
+    spec = source.build_phase("l0")
+    with torch.no_grad():
+        spec.model.source.w.normal_()
+        spec.model.source.log_alpha.uniform_(-3, 3)
+    trained = spec.model.source
+    source.end_phase("l0")
+    state = source.saved_files["l0"][L0_STATE_FILE]
+    assert torch.equal(state["w"], trained.w.detach()) and torch.equal(state["log_alpha"], trained.log_alpha.detach())
+    (tmp_path / "phases" / "l0").mkdir(parents=True)
+    safetensors.torch.save_file(state, str(tmp_path / "phases" / "l0" / L0_STATE_FILE))
+
+    reference = cls(make_config(cls, dict(sparsity=0.005, structured=structured)), make_tiny("bert"), head)
+    ref_spec = reference.build_phase("l0")
+    with torch.no_grad():
+        ref_spec.model.source.w.copy_(state["w"])
+        ref_spec.model.source.log_alpha.copy_(state["log_alpha"])
+        if structured:
+            ref_spec.model.source.group_log_alpha.copy_(state["group_log_alpha"])
+    reference.end_phase("l0")
+
+    follower = cls(make_config(cls, dict(sparsity=0.005, structured=structured, from_l0=str(tmp_path))),
+                   make_tiny("bert"), head)
+    assert follower.phases == ("fixed_mask",)
+    follower.prepare(None, None)
+    got, want = follower.delta_model.source, reference.delta_model.source
+    assert got.indices.numel() == round(0.005 * follower.layout.total)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+    head_name = head[0]
+    assert torch.equal(follower.model.get_parameter(head_name), state["head." + head_name])
+    with pytest.raises(DiffpruneError, match="keep_l0_state"):
+        cls(make_config(cls, dict(from_l0=str(tmp_path / "nothing"))), make_tiny("bert"), head).prepare(None, None)

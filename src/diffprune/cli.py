@@ -284,8 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, help="epochs of the (last) training phase")
     t.add_argument("--l0-epochs", type=float, help="epochs of Diff Pruning's L0 phase")
     t.add_argument("--lr", type=float)
-    t.add_argument("--alpha-lr", type=float)
-    t.add_argument("--l0-lambda", type=float)
+    t.add_argument("--alpha-lr", type=float, help="AdamW learning rate of the gates α (default: the paper's 0.1, "
+                   "raised on short budgets so that the gates can reach the target sparsity in time)")
+    t.add_argument("--l0-lambda", type=float, help="the paper's mode: a fixed weight λ of E‖δ‖₀ (the paper: 1.25e-7 "
+                   "for BERT-large). Default: none; the L0 phase steers λ itself so that its density reaches "
+                   "--sparsity")
     t.add_argument("--include", action="append", help="diff-prune only parameters matching this pattern")
     t.add_argument("--exclude", action="append", help="leave parameters matching this pattern frozen")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other method option")

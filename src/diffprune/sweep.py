@@ -7,7 +7,9 @@ The grid: every sparse method (one with a `sparsity` option) once per sparsity, 
 labels; dense methods (full finetuning, BitFit, …) once. Each task's grid goes through `compare.run_all`
 into OUT/<task>/ (runs in OUT/<task>/runs/<label>/, finished ones reused, interrupted ones resumed, the
 task's comparison table rewritten after every run), and OUT/report/ is rebuilt after each task, so results
-are readable while the sweep goes on. benchmarks/sweep_glue.sh runs it over the shared GLUE tasks.
+are readable while the sweep goes on. Diff Pruning trains its L0 phase once per variant and task, at the
+densest sparsity, and projects it to the others (`share_l0`). benchmarks/sweep_glue.sh runs it over the
+shared GLUE tasks.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from .compare import ALIASES, parse_entries, run_all, split_label
+from .compare import ALIASES, Entry, parse_entries, run_all, split_label
 from .errors import DiffpruneError
 from .methods import get_method
 
@@ -51,6 +53,31 @@ def grid_labels(methods: list[str], sparsities: list[float]) -> list[str]:
     return labels
 
 
+def share_l0(entries: list[Entry], runs: Path) -> list[Entry]:
+    """One L0 phase per Diff Pruning variant: its densest sparsity trains it and keeps its state, and the
+    other sparsities project that state (`from_l0`) and train only their fixed-mask phase.
+
+    The source runs first (entries run in order). Projecting down keeps the largest |δ| of the denser
+    diff, the paper's projection.
+    """
+    groups: dict[str, list[Entry]] = {}
+    for e in entries:
+        if e.method == "diff-pruning" and "sparsity" in e.options and not e.options.get("from_l0"):
+            groups.setdefault(split_label(e.label)[0], []).append(e)
+    order = list(entries)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        source = max(group, key=lambda e: e.options["sparsity"])
+        source.options["keep_l0_state"] = True
+        for e in group:
+            if e is not source:
+                e.options["from_l0"] = str(runs / source.label)
+        order.remove(source)
+        order.insert(min(order.index(e) for e in group if e is not source), source)
+    return order
+
+
 def run_sweep(tasks: list[str], labels: list[str], settings: list[str], epochs: float,
               common_for: Callable[[str], list[str]], out: Path) -> bool:
     """Train every (task, label) cell that is missing, then write OUT/report/. True when every cell is ok."""
@@ -60,7 +87,8 @@ def run_sweep(tasks: list[str], labels: list[str], settings: list[str], epochs: 
     ok = True
     for number, task in enumerate(tasks, 1):
         print(f"=== task {task} ({number}/{len(tasks)}): {len(labels)} runs in {out / task}", flush=True)
-        rows = run_all(parse_entries(labels, settings, epochs), out / task, common_for(task))
+        rows = run_all(share_l0(parse_entries(labels, settings, epochs), out / task / "runs"), out / task,
+                       common_for(task))
         ok = ok and all(r["status"] == "ok" for r in rows)
         if any(r["status"] == "ok" for r in rows):
             build_report([out], out / "report")

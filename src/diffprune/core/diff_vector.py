@@ -217,6 +217,20 @@ class L0Diff(nn.Module):
         return p
 
     @torch.no_grad()
+    def density(self) -> float:
+        """E‖δ‖₀ / d now (no graph)."""
+        return float(hc.expected_l0(self.log_alpha, self.left, self.right, self.group_log_alpha,
+                                    self.layout.numels if self.structured else None)) / self.layout.total
+
+    @torch.no_grad()
+    def shift_gates_(self, amount: float) -> None:
+        """Lower every α (element and group gates) by `amount`: the decoupled penalty step of `GateShift`."""
+        if amount:
+            self.log_alpha.sub_(amount)
+            if self.structured:
+                self.group_log_alpha.sub_(amount)
+
+    @torch.no_grad()
     def open_fraction(self) -> float:
         """Share of entries whose gate is more likely open than closed (P(z > 0) > 0.5)."""
         return float((self.keep_probability() > 0.5).float().mean())

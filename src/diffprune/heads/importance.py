@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from torch import nn
 from diffprune.errors import DiffpruneError
 from diffprune.heads.surgery import (current_head_counts, get_arch, head_size, load_pruned, num_heads,
                                      out_projection, pruned_heads_of, remaining_heads)
-from diffprune.io import atomic_write_json
+from diffprune.io import atomic_write, atomic_write_json
 
 EPS = 1e-20  # Michel et al.'s epsilon for the per-layer normalisation
 
@@ -185,7 +183,7 @@ class HeadImportance:
         atomic_write_json(out / "importance.json", self.to_json())
         tensors = {"scores": self.scores.detach().float().cpu().contiguous()}
         metadata = {"meta": json.dumps(self.meta, default=str)}
-        _atomic_binary(out / "importance.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(out / "importance.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
         return {"json": out / "importance.json", "safetensors": out / "importance.safetensors"}
 
     @classmethod
@@ -200,17 +198,6 @@ class HeadImportance:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
         return cls(scores, meta)
 
-
-def _atomic_binary(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename onto `path`, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_importance(scores: torch.Tensor, out_dir, meta: dict | None = None) -> dict[str, Path]:
@@ -255,7 +242,7 @@ def plot_importance(scores: torch.Tensor, path, title: str | None = None) -> Pat
     fig.tight_layout()
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_binary(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 

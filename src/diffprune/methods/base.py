@@ -16,6 +16,7 @@ how `--resume` skips finished phases. Register a method by decorating its class 
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -36,6 +37,10 @@ class ParamGroup:
     schedule: str = "linear"  # "linear" (warmup then linear decay) or "constant"
     eps: float = 1e-8
     hold: float = 0.0  # share of the phase's first steps with learning rate 0 (the group waits, frozen)
+    # whether the group's gradients count towards (and are scaled by) gradient-norm clipping. Diff Pruning's
+    # α is left out: the penalty's gradient over millions of gates would dominate the norm, and clipping
+    # would then shrink the task gradients of w and the head with it
+    clip: bool = True
 
 
 @dataclass
@@ -48,6 +53,11 @@ class PhaseSpec:
     # added to the task loss (λ·E‖δ‖₀); called with the share of the phase's steps done so far, in [0, 1]
     penalty: Callable[[float], Tensor] | None = None
     stats: Callable[[], dict[str, float]] | None = None  # extra values logged with the loss
+    # called once with the phase's number of optimizer steps, before its optimizer is built (a method may
+    # size learning rates or schedules to the budget here)
+    plan: Callable[[int], None] | None = None
+    # called after every optimizer step with the share of the phase's steps done (before that step)
+    after_step: Callable[[float], None] | None = None
 
 
 @dataclass
@@ -80,9 +90,16 @@ class MethodConfig:
                                  f"{sparsity} (0.005 keeps 0.5%)")
 
     def check_positive(self, **values: float) -> None:
+        self.check_finite(**values)
         for key, value in values.items():
             if value is None or value <= 0:
                 raise DiffpruneError(f"{key} must be > 0, got {value}")
+
+    def check_finite(self, **values: float | None) -> None:
+        """Numbers must be finite (None passes): NaN slips through every comparison."""
+        for key, value in values.items():
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise DiffpruneError(f"{key} must be a finite number, got {value!r}")
 
 
 class Method(ABC):
@@ -95,6 +112,9 @@ class Method(ABC):
         self.config = config
         self.model = model
         self.head_names = list(head_names)
+        # Per phase, extra tensor files to write next to the phase's snapshot ({file name: tensors}); a
+        # method fills it in `end_phase` (Diff Pruning's kept L0 state).
+        self.saved_files: dict[str, dict[str, dict[str, Tensor]]] = {}
 
     def prepare(self, train_dataset, collate) -> None:
         """Called once with the tokenized training set (and its collator) before the first phase.

@@ -14,6 +14,11 @@ from ..sparse_model import DeltaModel
 from ..storage import SparseDelta, TaskDiff
 from .base import ParamGroup, PhaseSpec
 
+# Default fixed-mask learning rate of every sparse method, as a multiple of its dense learning rate: with t
+# of the entries trainable, each kept entry has to carry the change that dense finetuning spreads over
+# ~1/t entries, and Adam moves each entry by about its learning rate per step.
+FIXED_LR_FACTOR = 10.0
+
 
 class FixedMaskMixin:
     """Needs `self.model`, `self.layout`, `self.names`, `self.head_names`, `self.config`."""

@@ -8,9 +8,9 @@ Each file is written to a temporary name and renamed, so a reader never sees hal
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from ..io import atomic_write
 
 
 def _plt():
@@ -23,15 +23,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    plt = _plt()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+        _plt().close(fig)
     return path
 
 

@@ -31,7 +31,7 @@ from transformers import PrinterCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import DiffpruneError
-from ..io import atomic_write_json
+from ..io import atomic_save_tensors, atomic_write_json
 from ..methods import get_method, make_config
 from ..models import load_model
 from ..storage import TaskDiff, load_diff, save_diff
@@ -166,6 +166,8 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
         if main:
             save_diff(finish_diff(method.export(), cfg, spec, base_params), phase_dir / "snapshot",
                       base_fingerprint_model)
+            for name, tensors in method.saved_files.pop(phase, {}).items():
+                atomic_save_tensors(tensors, phase_dir / name)
             atomic_write_json(done, phase_metrics)
             shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
         # Free the finished phase (its optimizer state; for Diff Pruning w, α and their Adam moments, 6·d

@@ -63,9 +63,18 @@ class PhaseTrainer(Trainer):
         self._penalty_sum = 0.0
         self._loss_count = 0
         super().__init__(*args, **kwargs)
+        if phase is not None and any(not g.clip for g in phase.groups) and self.args.max_grad_norm > 0:
+            # The Trainer would clip every parameter together; clip only the groups that ask for it.
+            clipped = [p for g in phase.groups if g.clip for p in g.params]
+            self.add_callback(_ClipGroups(self, clipped, self.args.max_grad_norm))
+            self.args.max_grad_norm = 0.0
+        if phase is not None and phase.after_step is not None:
+            self.add_callback(_AfterStep(phase.after_step))
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
+            if self.phase.plan is not None:
+                self.phase.plan(int(self.state.max_steps))
             groups = [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "eps": g.eps}
                       for g in self.phase.groups if g.params]
             self.optimizer = make_adamw(groups)
@@ -115,6 +124,26 @@ class PhaseTrainer(Trainer):
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
                  if k in trainable or k.startswith("source.")}
         safetensors.torch.save_file(state, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+class _ClipGroups(TrainerCallback):
+    """Clips the gradient norm of some parameters only, just before each optimizer step."""
+
+    def __init__(self, trainer: Trainer, params: list, max_norm: float):
+        self.trainer, self.params, self.max_norm = trainer, params, max_norm
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.accelerator.clip_grad_norm_(self.params, self.max_norm)
+
+
+class _AfterStep(TrainerCallback):
+    """Calls a phase's `after_step` hook after each optimizer step, with that step's progress."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.hook(state.global_step / max(1, state.max_steps or 1))
 
 
 class JsonlLogger(TrainerCallback):

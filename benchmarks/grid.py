@@ -1,0 +1,204 @@
+"""The Diff Pruning benchmark grid of benchmarks/recipe.json: methods × tasks × seeds, plus a sparsity curve.
+
+    python benchmarks/grid.py --data-dir ../shared/data/glue --out OUT [--workers 2] [--only TASK,...]
+
+Cells, all at the recipe's budget and with the library's defaults:
+* every `grid_methods` entry on every task with the recipe's seed, and again with each `extra_seeds` seed
+  on the tasks listed for it; sparse methods at the recipe's `sparsity`;
+* the `curve`: its method at each of its sparsities on every task, from the L0 state of the main run at
+  `sparsity` (`from_l0`: the L0 phase is trained once per task, only the fixed-mask phase per sparsity).
+
+Each cell is one `diffprune train` process with OMP_NUM_THREADS=1 in OUT/<task>/s<seed>/<label>/, `--workers`
+of them side by side (one per core beats one two-thread process on 2 cores). A finished cell (metrics.json)
+is skipped and an interrupted one resumed, so re-running continues where it stopped. OUT/results.md and
+OUT/results.json are rewritten after every finished cell. Prints what it runs and the table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import recipe as recipes  # noqa: E402
+from diffprune.compare import ALIASES  # noqa: E402
+from diffprune.methods import get_method  # noqa: E402
+
+
+@dataclass
+class Cell:
+    task: str
+    seed: int
+    label: str
+    run_dir: Path
+    method: str
+    options: dict
+    after: list[Path] = field(default_factory=list)  # run directories that must finish first
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "metrics.json").is_file()
+
+
+def resolve(label: str) -> tuple[str, dict]:
+    method, options = ALIASES.get(label, (label, {}))
+    get_method(method)
+    return method, dict(options)
+
+
+def cells(recipe: dict, out: Path, only: set[str] | None) -> list[Cell]:
+    tasks = [t for t in recipe["tasks"] if not only or t in only]
+    sparsity, seed, epochs = recipe["sparsity"], int(recipe["seed"]), float(recipe["epochs"])
+    curve = recipe.get("curve") or {}
+
+    def cell(task, seed, label, extra=None, tag=None, after=()):
+        method, options = resolve(label)
+        cls = get_method(method)
+        options.update(cls.budget(epochs))
+        if "sparsity" in {f for f in cls.config_class.__dataclass_fields__}:
+            options["sparsity"] = sparsity
+        options.update(recipe.get("method_options", {}).get(label, {}))
+        options.update(extra or {})
+        name = tag or (f"{label}@{options['sparsity']:g}" if "sparsity" in options else label)
+        return Cell(task, seed, name, out / task / f"s{seed}" / name, method, options, list(after))
+
+    main, later = [], []
+    for task in tasks:
+        for label in recipe["grid_methods"]:
+            keep = {"keep_l0_state": True} if label == curve.get("method") else None
+            main.append(cell(task, seed, label, keep))
+    for task in tasks:
+        if not curve:
+            break
+        source = next(c for c in main if c.task == task and c.options.get("keep_l0_state"))
+        for s in curve["sparsities"]:
+            later.append(cell(task, seed, curve["method"], {"sparsity": s, "from_l0": str(source.run_dir)},
+                              after=[source.run_dir]))
+    for extra_seed, extra_tasks in recipe.get("extra_seeds", {}).items():
+        for task in (t for t in extra_tasks if t in tasks):
+            later += [cell(task, int(extra_seed), label) for label in recipe["grid_methods"]]
+    return main + later
+
+
+def command(cell: Cell, recipe: dict, data_dir: str) -> list[str]:
+    cmd = [sys.executable, "-m", "diffprune", "train", "--task", cell.task, "--data-dir", data_dir,
+           "--method", cell.method, "--output-dir", str(cell.run_dir), "--seed", str(cell.seed),
+           "--no-progress", "--logging-steps", "20", *recipes.common_flags(recipe, cell.task)]
+    for key, value in cell.options.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    return cmd + (["--resume"] if cell.run_dir.exists() else [])
+
+
+def summary(cell: Cell) -> dict | None:
+    if not cell.done:
+        return None
+    m = json.loads((cell.run_dir / "metrics.json").read_text())
+    phases = m["phases"]
+    first = next(iter(phases.values()))
+    return {"task": cell.task, "seed": cell.seed, "label": cell.label, "main_metric": m["main_metric"],
+            "dev": next(iter(m["final"].values())),
+            "after_first_phase": first.get("dev", {}).get("main") if len(phases) > 1 else None,
+            "nonzero_before_projection": first["train"].get("nonzero_frac") if "l0" in phases else None,
+            "stored_bytes": m.get("storage", {}).get("stored_bytes"),
+            "minutes": round(sum(p["train"]["seconds"] for p in phases.values()) / 60, 1),
+            "steps": sum(p["train"]["steps"] for p in phases.values())}
+
+
+def table(rows: list[dict], recipe: dict) -> str:
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = [f"Budget: {recipe['epochs']} epochs per method (two-phase methods split them), batch "
+             f"{recipe['batch_size']}, length {recipe['max_length']}, model {recipe['model']}, training sets "
+             f"capped at {recipe.get('max_train_samples') or 'nothing'}; library defaults otherwise.", "",
+             "| task | seed | run | main | dev metrics | after phase 1 | nonzero before projection | stored bytes |"
+             " steps | min |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dev = ", ".join(f"{k} {100 * v:.1f}" for k, v in r["dev"].items() if k not in ("loss", "main"))
+        nz = r["nonzero_before_projection"]
+        lines.append(f"| {r['task']} | {r['seed']} | {r['label']} | {pct(r['dev']['main'])} | {dev} | "
+                     f"{pct(r['after_first_phase'])} | {'' if nz is None else f'{100 * nz:.3f}%'} | "
+                     f"{r['stored_bytes'] or 0:,} | {r['steps']} | {r['minutes']} |")
+    lines += ["", "Average of the main metric over the tasks that every method finished, per seed:", ""]
+    by = {}
+    for r in rows:
+        by.setdefault((r["seed"], r["label"]), {})[r["task"]] = r["dev"]["main"]
+    for seed in sorted({s for s, _ in by}):
+        labels = [lab for s, lab in by if s == seed]
+        common = set.intersection(*(set(by[(seed, lab)]) for lab in labels))
+        if not common:
+            continue
+        lines.append(f"- seed {seed}, {len(common)} task(s) ({', '.join(sorted(common))}): " + "; ".join(
+            f"{lab} {100 * sum(by[(seed, lab)][t] for t in common) / len(common):.1f}" for lab in labels))
+    return "\n".join(lines) + "\n"
+
+
+def write_results(all_cells: list[Cell], recipe: dict, out: Path) -> str:
+    rows = [r for r in map(summary, all_cells) if r]
+    text = table(rows, recipe)
+    for name, body in (("results.md", text), ("results.json", json.dumps(rows, indent=1))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(body)
+        os.replace(tmp, out / name)
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default="../shared/data/glue")
+    p.add_argument("--out", default="benchmarks/out/grid")
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--only", default="", help="comma-separated tasks")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args()
+    recipe = recipes.load(args.recipe)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = cells(recipe, out, set(filter(None, args.only.split(","))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    pending = [c for c in todo if not c.done]
+    print(f"{len(todo)} cells, {len(todo) - len(pending)} done, {len(pending)} to run in {out}", flush=True)
+    if args.dry_run:
+        for c in pending:
+            print(" ".join(command(c, recipe, args.data_dir)))
+        return 0
+    running: dict[subprocess.Popen, tuple[Cell, float]] = {}
+    failed: set[Path] = set()
+    while pending or running:
+        for c in list(pending):
+            if len(running) >= args.workers:
+                break
+            if any(a in failed for a in c.after):
+                pending.remove(c)
+                failed.add(c.run_dir)
+                print(f"skip {c.run_dir}: a run it needs failed", flush=True)
+            elif all((a / "metrics.json").is_file() for a in c.after):
+                pending.remove(c)
+                c.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                log = open(c.run_dir.parent / f"{c.label}.log", "a")
+                running[subprocess.Popen(command(c, recipe, args.data_dir), stdout=log, stderr=log, env=env)] = \
+                    (c, time.time())
+                print(f"start {c.run_dir}", flush=True)
+        time.sleep(5)
+        for proc in [q for q in running if q.poll() is not None]:
+            c, started = running.pop(proc)
+            status = "done" if proc.returncode == 0 and c.done else f"FAILED (exit {proc.returncode})"
+            if status != "done":
+                failed.add(c.run_dir)
+            print(f"{status} {c.run_dir} in {(time.time() - started) / 60:.1f} min", flush=True)
+            write_results(todo, recipe, out)
+        if not running and pending and all(any(not (a / "metrics.json").is_file() for a in c.after)
+                                           for c in pending):
+            print("the remaining cells wait for runs that did not finish", flush=True)
+            break
+    print(write_results(todo, recipe, out))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Steering the L0 phase to a chosen density: a target schedule and a controller that moves the gates.
+
+The paper fixes λ and lets the gates settle wherever λ, the budget and the optimizer take them; the
+projection to the requested sparsity then removes whatever the gates left over. Here the user gives the
+sparsity t and the L0 phase aims at it (the constrained-density idea of Wang et al. 2020 and CoFi,
+Xia et al. 2022), so that the gates, not the magnitudes, pick what is kept:
+
+* `DensitySchedule`: the expected share of nonzeros ρ_s the phase should have at each point. It stays at 1
+  while the gates are held (w learns with every gate open; with w = 0 the gates get no task gradient and
+  any penalty closes them at random), falls from 1 to t on the cubic schedule of gradual pruning (Zhu &
+  Gupta 2017: fast while most entries are idle, slow near t, where each one matters), and stays at t for
+  the rest of the phase, so that w re-fits the surviving entries before the projection.
+* `GateShift`: after every optimizer step, every gate's α is shifted by the same amount, down while the
+  measured density ρ̂ = E‖δ‖₀/d is above the schedule and up while below: the penalty applied decoupled
+  from the optimizer, as AdamW decouples weight decay. α's own optimizer sees only the task gradient, so
+  a gate stays open where the task keeps pushing its α up faster than the shift lowers it.
+
+Why not a penalty weight steered through the loss (a Lagrange multiplier): α trains with Adam, which
+normalises each α's step, so the penalty's size barely changes how fast idle gates close. What λ does
+change it changes late and all at once: the density only responds once the common α has left the flat top
+of the sigmoid, a multiplier winds up meanwhile, and Adam's second-moment estimate lags a growing
+gradient, so its steps then exceed its learning rate (on MiniLM a multiplicative λ controller overshot the
+target by an order of magnitude within a few steps; benchmarks/RESULTS.md, session 7). The shift here acts in logit space, where the density of a set of
+equal gates moves one for one with their α, and is bounded per step, so nothing winds up or coasts.
+
+Plain torch; `diffprune.methods.diff_pruning` wires both into its L0 phase.
+"""
+from __future__ import annotations
+
+import math
+
+class DensitySchedule:
+    """ρ_s(progress), progress = share of the L0 phase's steps done, in [0, 1].
+
+    1 on [0, hold), then T + (1 − T)(1 − x)³ with x the share of the ramp [hold, reach) done, then T.
+    """
+
+    def __init__(self, target: float, hold: float = 0.25, reach: float = 0.75):
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"the target density must be in (0, 1], got {target}")
+        if not 0.0 <= hold < reach <= 1.0:
+            raise ValueError(f"the schedule needs 0 <= hold < reach <= 1, got hold={hold}, reach={reach}")
+        self.target, self.hold, self.reach = float(target), float(hold), float(reach)
+
+    def __call__(self, progress: float) -> float:
+        if progress < self.hold:
+            return 1.0
+        x = min(1.0, (progress - self.hold) / (self.reach - self.hold))
+        return self.target + (1.0 - self.target) * (1.0 - x) ** 3
+
+    def ramp_share(self) -> float:
+        """Share of the phase over which the density falls (what the α learning rate must cover)."""
+        return self.reach - self.hold
+
+
+class GateShift:
+    """The per-step shift of every gate's α that steers ρ̂ = E‖δ‖₀/d to a `DensitySchedule`.
+
+    shift = clip(gain · (logit ρ̂ − logit ρ_s), −max_step, max_step): proportional control in logit space.
+    The gates integrate the shift, so no integral term (and no state beyond α itself) is needed: a resumed
+    run continues exactly from the checkpointed α. `max_step` bounds how fast gates move for the penalty
+    (in α units per step); the method sizes it to the budget.
+    """
+
+    def __init__(self, schedule: DensitySchedule, max_step: float, gain: float = 0.5):
+        if max_step <= 0 or not 0 < gain <= 1:
+            raise ValueError(f"the shift needs max_step > 0 and gain in (0, 1], got {max_step}, {gain}")
+        self.schedule, self.max_step, self.gain = schedule, float(max_step), float(gain)
+
+    def __call__(self, progress: float, density: float) -> float:
+        """How much to lower every α after the step at `progress` that left the density at `density`."""
+        if progress < self.schedule.hold or not math.isfinite(density):
+            return 0.0
+        error = _logit(density) - _logit(self.schedule(progress))
+        return min(self.max_step, max(-self.max_step, self.gain * error))
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-9), 1.0 - 1e-9)
+    return math.log(p / (1.0 - p))
