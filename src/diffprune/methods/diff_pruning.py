@@ -1,9 +1,16 @@
 """Diff Pruning (Guo, Rush & Kim, ACL 2021): a learned sparse diff over a frozen pretrained model.
 
-Phases: `l0` trains δ = z ⊙ w with Hard-Concrete gates and the penalty λ·E‖δ‖₀ (α in its own optimizer
-group, AdamW at a constant learning rate); at its end the gates are sampled once, δ is projected onto the
-L0 ball (exactly t·d entries kept by |δ|), and `fixed_mask` finetunes those entries with the mask fixed.
-`--structured` adds one group gate per pretrained tensor. The task head trains densely throughout.
+Phases: `l0` trains δ = z ⊙ w with Hard-Concrete gates (α in its own optimizer group, AdamW at a constant
+learning rate); at its end the gates are sampled once, δ is projected onto the L0 ball (exactly t·d
+entries kept by |δ|), and `fixed_mask` finetunes those entries with the mask fixed. `--structured` adds
+one group gate per pretrained tensor. The task head trains densely throughout.
+
+How the gates close is the one departure from the paper, by default. The paper adds λ·E‖δ‖₀ to the loss
+with a fixed λ, and where the gates end depends on λ, the budget and Adam; the projection then removes
+the rest. By default the phase aims at t itself (`core/density_control.py`): the gates stay open for the
+first quarter (w learns densely), the expected density then falls from 1 to t on a cubic schedule, each
+step followed by a shift of every α that keeps E‖δ‖₀/d on it, and the last quarter re-fits w at density
+t, so the projection removes little. `--l0-lambda X` is the paper's fixed-λ mode.
 
     diffprune train --model minilm --task rte --data-dir ../shared/data/glue \
         --method diff-pruning --structured --sparsity 0.005 --output-dir runs/rte-dp
@@ -218,6 +225,6 @@ class DiffPruning(FixedMaskMixin, Method):
         generator = torch.Generator().manual_seed(self.config.seed)
         delta = source.final_delta(generator)  # u sampled once: many entries exactly 0
         self.phase_stats["l0"] = {"nonzero_frac": float((delta != 0).float().mean()),
-                                  "expected_l0_frac": float(source.expected_l0().detach()) / self.layout.total}
+                                  "expected_l0_frac": source.density()}
         idx, values = project_l0(delta, self.config.sparsity, tiebreak=source.keep_probability())
         self.set_fixed_mask(FixedMaskDiff(self.layout, idx, values))
