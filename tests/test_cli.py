@@ -221,3 +221,22 @@ def test_a_kept_l0_state_is_reused_by_a_run_at_another_sparsity(tmp_path, tiny_m
     assert list(metrics["phases"]) == ["fixed_mask"]
     stats = metrics["storage"]
     assert stats["nnz"] == round(0.005 * stats["num_diff_params"])
+
+
+def test_the_target_mode_steers_the_gates_after_each_step_and_records_the_density(tmp_path, tiny_model_dir,
+                                                                                  data_dir):
+    """Default mode on a 12-step L0 phase: the shift starts after the hold (3 steps), the logged target
+    follows the schedule, and metrics.json keeps the nonzero share before the projection."""
+    from diffprune.core.density_control import DensitySchedule
+
+    out = tmp_path / "t"
+    assert main(train_args(tiny_model_dir, data_dir, out, "--l0-epochs", "4", "--sparsity", "0.05")) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    l0 = [r for r in records if r["phase"] == "l0" and "density_target" in r]
+    schedule = DensitySchedule(0.05)
+    assert len(l0) >= 10
+    for r in l0:  # logged after step r["step"], whose progress was (step - 1) / 12
+        assert r["density_target"] == pytest.approx(schedule((r["step"] - 1) / 12), abs=1e-6)
+        assert (r["gate_shift"] == 0.0) == ((r["step"] - 1) / 12 < 0.25)
+    train = json.loads((out / "metrics.json").read_text())["phases"]["l0"]["train"]
+    assert 0.0 <= train["nonzero_frac"] <= 1.0 and "expected_l0_frac" in train

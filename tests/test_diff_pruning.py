@@ -248,3 +248,29 @@ def test_from_l0_projects_a_kept_l0_state_to_another_sparsity(tmp_path, structur
     assert torch.equal(follower.model.get_parameter(head_name), state["head." + head_name])
     with pytest.raises(DiffpruneError, match="keep_l0_state"):
         cls(make_config(cls, dict(from_l0=str(tmp_path / "nothing"))), make_tiny("bert"), head).prepare(None, None)
+
+
+def test_gate_gradients_stay_out_of_gradient_clipping(tmp_path):
+    """The L0 phase clips w and the head only: α's gradient (which in the paper's mode carries the penalty
+    over every gate) neither counts towards the norm nor is scaled by it."""
+    from transformers import TrainingArguments
+
+    from diffprune.train.trainer import PhaseTrainer, _ClipGroups
+
+    model = make_tiny("bert")
+    head = head_names_by_convention(model)
+    cls = get_method("diff-pruning")
+    spec = cls(make_config(cls, dict(sparsity=0.01)), model, head).build_phase("l0")
+    args = TrainingArguments(output_dir=str(tmp_path), max_grad_norm=1.0, use_cpu=True, report_to="none")
+    trainer = PhaseTrainer(model=spec.model, args=args, phase=spec)
+    assert trainer.args.max_grad_norm == 0.0  # the Trainer's own clipping of every parameter is off
+    clip = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, _ClipGroups))
+    source = spec.model.source
+    clipped = [source.w] + [model.get_parameter(n) for n in head]
+    assert {id(p) for p in clip.params} == {id(p) for p in clipped}
+    for p in clipped + [source.log_alpha]:
+        p.grad = torch.full_like(p, 3.0)
+    clip.on_pre_optimizer_step(args, None, None)
+    total = torch.sqrt(sum((p.grad ** 2).sum() for p in clipped))
+    assert float(total) == pytest.approx(1.0, rel=1e-4)
+    assert torch.equal(source.log_alpha.grad, torch.full_like(source.log_alpha, 3.0))
