@@ -45,9 +45,11 @@ def find_diff_dir(path: str | Path) -> Path:
                          f"{path}/diff_config.json); is the run finished?")
 
 
-def load_task_model(path: str | Path, base_model: str | None = None, check_fingerprint: bool = True):
-    """(model, tokenizer, diff): the base model named in the diff (or `base_model`) with the diff applied."""
-    diff: TaskDiff = load_diff(find_diff_dir(path))
+def load_task_model(path: str | Path, base_model: str | None = None, check_fingerprint: bool = True,
+                    diff: TaskDiff | None = None):
+    """(model, tokenizer, diff): the base model named in the diff (or `base_model`) with the diff applied
+    (`diff`: the one already loaded from `path`)."""
+    diff = diff if diff is not None else load_diff(find_diff_dir(path))
     num_labels = len(diff.label_names) if diff.label_names else 1
     model, tokenizer, _ = load_model(base_model or diff.base_model, num_labels, diff.label_names)
     model = get_method(diff.method).attach(model, diff.config)  # adapters / LoRA layers, if the method adds any
