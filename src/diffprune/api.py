@@ -45,6 +45,17 @@ def find_diff_dir(path: str | Path) -> Path:
                          f"{path}/diff_config.json); is the run finished?")
 
 
+def check_diff_task(diff: TaskDiff, spec, where) -> list[str]:
+    """Refuse a diff of the wrong kind for `spec` (classification vs regression, label count); return
+    warnings for a diff trained on another task."""
+    kind = "regression" if diff.label_names is None else f"{len(diff.label_names)}-class classification"
+    want = "regression" if spec.is_regression else f"{spec.num_labels}-class classification"
+    if kind != want:
+        raise DiffpruneError(f"{where} holds a {kind} diff (task '{diff.task}'), but task '{spec.name}' is "
+                             f"{want}; evaluate it on a task of its kind")
+    return [f"{where} was trained on task '{diff.task}', not '{spec.name}'"] if diff.task != spec.name else []
+
+
 def load_task_model(path: str | Path, base_model: str | None = None, check_fingerprint: bool = True,
                     diff: TaskDiff | None = None):
     """(model, tokenizer, diff): the base model named in the diff (or `base_model`) with the diff applied

@@ -122,19 +122,13 @@ def cmd_eval(args) -> int:
     from .train.data import tokenize
     from .train.pipeline import TrainConfig, evaluate
 
-    from .api import find_diff_dir
+    from .api import check_diff_task, find_diff_dir
     from .storage import load_diff
 
     spec = task_spec(args)
     diff = load_diff(find_diff_dir(args.run))
-    kind = "regression" if diff.label_names is None else f"{len(diff.label_names)}-class classification"
-    want = "regression" if spec.is_regression else f"{spec.num_labels}-class classification"
-    if kind != want:
-        raise DiffpruneError(f"{args.run} holds a {kind} diff (task '{diff.task}'), but task '{spec.name}' is "
-                             f"{want}; evaluate it on a task of its kind")
-    if diff.task != spec.name:
-        print(f"diffprune: warning: {args.run} was trained on task '{diff.task}', not '{spec.name}'",
-              file=sys.stderr)
+    for warning in check_diff_task(diff, spec, args.run):
+        print(f"diffprune: warning: {warning}", file=sys.stderr)
     model, tokenizer, diff = load_task_model(args.run, base_model=args.base_model, diff=diff)
     data = load_task_data(spec, args.data_dir, max_train_samples=1, max_eval_samples=args.max_eval_samples,
                           seed=args.seed)
@@ -185,21 +179,14 @@ def cmd_merge(args) -> int:
     from .api import find_diff_dir
     from .models import load_model, resolve_model_path
     from .storage import load_diff, merge_diff
-    from .storage.apply import is_merged_model
+    from .storage.apply import check_merge_output
 
     from .methods import get_method
 
     diff = load_diff(find_diff_dir(args.run))
     base = args.base_model or diff.base_model
     out = Path(args.output)
-    base_dir = Path(resolve_model_path(base))
-    if base_dir.is_dir() and out.exists() and out.resolve() in (base_dir.resolve(), *base_dir.resolve().parents):
-        raise DiffpruneError(f"--output {out} is (or holds) the base model {base}; merge into another folder")
-    if out.exists() and not out.is_dir():
-        raise DiffpruneError(f"--output {out} is an existing file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not is_merged_model(out):
-        raise DiffpruneError(f"refusing to replace {out}: it is not a merged model made by diffprune merge; "
-                             "choose another --output or remove it yourself")
+    check_merge_output(out, base, Path(resolve_model_path(base)))  # before the slow model load
     method = get_method(diff.method)
     num_labels = len(diff.label_names) if diff.label_names else 1
     model, tokenizer, _ = load_model(base, num_labels, diff.label_names)

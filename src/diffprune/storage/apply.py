@@ -135,6 +135,18 @@ def is_merged_model(path: Path) -> bool:
         return False
 
 
+def check_merge_output(out: Path, base: str, base_dir: Path) -> None:
+    """`merge` writes only to a new or empty folder or over an earlier merged model, never the base."""
+    out = Path(out)
+    if base_dir.is_dir() and out.exists() and out.resolve() in (base_dir.resolve(), *base_dir.resolve().parents):
+        raise DiffpruneError(f"--output {out} is (or holds) the base model {base}; merge into another folder")
+    if out.exists() and not out.is_dir():
+        raise DiffpruneError(f"--output {out} is an existing file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not is_merged_model(out):
+        raise DiffpruneError(f"refusing to replace {out}: it is not a merged model made by diffprune merge; "
+                             "choose another --output or remove it yourself")
+
+
 def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.PathLike, tokenizer=None,
                fold: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Path:
     """Apply `diff` and save the result as a plain transformers checkpoint in `output_dir` (atomically).
