@@ -515,3 +515,40 @@ def test_kill_during_a_checkpoint_write_then_resume_gives_the_same_diff(phase, t
     print(f"\nkill in {phase} after {newest.name}: nnz {got['storage']['nnz']}, dev accuracy "
           f"{got['final']['dev']['accuracy']:.4f} (uninterrupted {want['final']['dev']['accuracy']:.4f}), "
           "diff.safetensors byte-identical")
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, data_dir, capsys,
+                                                                      monkeypatch):
+    from diffprune.train import pipeline
+
+    original, calls = pipeline.PhaseTrainer.compute_loss, {"n": 0}
+
+    class NanLoss:  # the model, whose loss turns NaN (as after a diverging step)
+        training = True
+
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, **inputs):
+            outputs = self.model(**inputs)
+            outputs.loss = outputs.loss * float("nan")
+            return outputs
+
+    def compute_loss(self, model, inputs, *a, **k):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 6:
+                model = NanLoss(model)
+        return original(self, model, inputs, *a, **k)
+
+    out = tmp_path / "out"
+    args = _kill_args(tiny_model_dir, data_dir, out, "--l0-epochs", "1", "--epochs", "1")
+    monkeypatch.setattr(pipeline.PhaseTrainer, "compute_loss", compute_loss)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffprune:")]
+    assert len(err) == 1 and "loss became nan at step 6 of phase 'l0'" in err[0] and "checkpoint-4" in err[0], err
+    assert (out / "phases" / "l0" / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not (out / "diff").exists() and not (out / "metrics.json").exists()
+    monkeypatch.setattr(pipeline.PhaseTrainer, "compute_loss", original)
+    assert main([*args, "--resume"]) == 0 and (out / "diff" / "diff.safetensors").is_file()

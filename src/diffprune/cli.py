@@ -220,6 +220,8 @@ def cmd_compare(args) -> int:
     from .compare import DEFAULT_METHODS, parse_entries, run_all
 
     spec = task_spec(args)  # validates the task before any run starts
+    check_finite_flag("--epochs", args.epochs)
+    check_finite_flag("--warmup", args.warmup)
     if args.epochs <= 0:
         raise DiffpruneError(f"--epochs must be positive, got {args.epochs}")
     labels = [m.strip() for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
@@ -274,6 +276,8 @@ def cmd_sweep(args) -> int:
         raise DiffpruneError("--tasks is required, e.g. --tasks rte,mrpc")
     if args.train_file and len(tasks) != 1:
         raise DiffpruneError("--train-file data is one task: give a single name in --tasks")
+    check_finite_flag("--epochs", args.epochs)
+    check_finite_flag("--warmup", args.warmup)
     if args.epochs <= 0:
         raise DiffpruneError(f"--epochs must be positive, got {args.epochs}")
     specs = {}

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from transformers import PrinterCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import DiffpruneError
 from ..io import atomic_save_tensors, atomic_write_json
@@ -182,11 +181,7 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
                                train_dataset=train_ds, data_collator=collator(tokenizer),
                                callbacks=[JsonlLogger(out / "log.jsonl", phase)], phase=spec_phase,
                                warmup_fraction=cfg.warmup)
-        checkpoint = None
-        if cfg.resume and main:
-            checkpoint = newest_complete_checkpoint(phase_dir / "checkpoints")
-        elif cfg.resume and (phase_dir / "checkpoints").is_dir():
-            checkpoint = get_last_checkpoint(str(phase_dir / "checkpoints"))
+        checkpoint = newest_complete_checkpoint(phase_dir / "checkpoints", remove=main) if cfg.resume else None
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start

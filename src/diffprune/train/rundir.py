@@ -181,8 +181,9 @@ def _complete(ckpt: Path) -> bool:
     return True
 
 
-def newest_complete_checkpoint(folder: Path) -> str | None:
-    """The newest complete checkpoint-N in `folder`; incomplete ones (a kill mid-write) are removed."""
+def newest_complete_checkpoint(folder: Path, remove: bool = True) -> str | None:
+    """The newest complete checkpoint-N in `folder`; incomplete ones (a kill mid-write) are removed
+    (by the main process only: `remove=False` on the others)."""
     if not folder.is_dir():
         return None
     found = sorted(((int(m.group(1)), p) for p in folder.iterdir()
@@ -191,7 +192,7 @@ def newest_complete_checkpoint(folder: Path) -> str | None:
     for _, ckpt in found:
         if best is None and _complete(ckpt):
             best = ckpt
-        elif not _complete(ckpt):
+        elif remove and not _complete(ckpt):
             shutil.rmtree(ckpt, ignore_errors=True)
     if best is not None:
         check_checkpoint(best)
