@@ -85,10 +85,19 @@ class MethodConfig:
         if unknown:
             raise DiffpruneError(f"unknown option(s) {unknown} for this method (known: {sorted(known)})")
         hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            if key in hints and not _fits(value, hints[key]):
-                raise DiffpruneError(f"option {key} expects {_describe(hints[key])}, got {value!r}")
-        return cls(**values)
+
+        def check(get) -> None:
+            for key in values:
+                if key in hints and not _fits(get(key), hints[key]):
+                    raise DiffpruneError(f"option {key} expects {_describe(hints[key])}, got {values[key]!r}")
+
+        try:  # the config's own checks speak first (they also accept a few conveniences, e.g. "a,b" lists)
+            config = cls(**values)
+        except (TypeError, ValueError) as exc:  # a comparison with a value of the wrong type
+            check(values.get)
+            raise DiffpruneError(f"invalid option value ({exc})") from None
+        check(lambda key: getattr(config, key))  # what passed them must still have the declared type
+        return config
 
     def check_sparsity(self, sparsity: float) -> None:
         if not (0.0 < sparsity <= 1.0):
