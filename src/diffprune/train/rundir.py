@@ -137,11 +137,11 @@ def prepare_output_dir(out: Path, cfg, lock: RunLock, data_files: dict) -> None:
     """Create (or, with --overwrite, empty) `out` under the lock and record the run's settings."""
     out.mkdir(parents=True, exist_ok=True)
     lock.acquire()
-    fresh = not (cfg.resume and (out / "run_config.json").is_file())
     if cfg.overwrite:
         for child in entries(out):  # check_output_dir made sure this is a run of ours
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     clean_leftovers(out)
+    fresh = not (cfg.resume and (out / "run_config.json").is_file())
     if fresh:
         atomic_write_json(out / "run_config.json",
                           {"format": RUN_FORMAT, **dataclasses.asdict(cfg), "data_files": data_files})
