@@ -29,6 +29,7 @@ RUN_FORMAT = "diffprune-run"
 RESULT_KEYS = ("task", "model", "method", "method_options", "data_dir", "data_files", "seed", "batch_size",
                "eval_batch_size", "grad_accum", "max_length", "max_train_samples", "max_eval_samples",
                "warmup", "max_grad_norm")
+_UNSET = object()
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
 
 
@@ -123,11 +124,16 @@ def check_output_dir(out: Path, cfg, lock: RunLock, model_path: str | None, data
             continue
         was, now = _normal(key, previous[key]), _normal(key, current[key])
         if key == "method_options" and was != now:
-            for name in sorted(set(was or {}) | set(now or {})):
-                if (was or {}).get(name) != (now or {}).get(name):
-                    raise DiffpruneError(f"--resume: {out} was started with {name}={(was or {}).get(name)!r}, "
-                                         f"not {(now or {}).get(name)!r}; give the same settings, or start "
-                                         "again with --overwrite")
+            was, now = was or {}, now or {}
+
+            def shown(options, name):
+                return f"={options[name]!r}" if name in options else " unset (the method's default)"
+
+            for name in sorted(set(was) | set(now)):
+                if was.get(name, _UNSET) != now.get(name, _UNSET):
+                    raise DiffpruneError(f"--resume: {out} was started with {name}{shown(was, name)}, not "
+                                         f"{name}{shown(now, name)}; give the same settings, or start again "
+                                         "with --overwrite")
         if was != now:
             raise DiffpruneError(f"--resume: {out} was started with {key}={was!r}, not {now!r}; give the same "
                                  "settings, or start again with --overwrite")
@@ -222,6 +228,9 @@ def check_checkpoint(ckpt: Path) -> None:
             with safe_globals():
                 torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+            reason = ("it holds pickled objects other than tensors and plain data"
+                      if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text
+                      else (text.split(". ")[0].splitlines() or [type(exc).__name__])[0][:160])
             raise DiffpruneError(f"--resume: {path} is corrupt or not a plain tensor file, so it is not loaded "
                                  f"({reason}); delete {ckpt} to restart its phase from the beginning") from None
