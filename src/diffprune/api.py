@@ -45,9 +45,22 @@ def find_diff_dir(path: str | Path) -> Path:
                          f"{path}/diff_config.json); is the run finished?")
 
 
-def load_task_model(path: str | Path, base_model: str | None = None, check_fingerprint: bool = True):
-    """(model, tokenizer, diff): the base model named in the diff (or `base_model`) with the diff applied."""
-    diff: TaskDiff = load_diff(find_diff_dir(path))
+def check_diff_task(diff: TaskDiff, spec, where) -> list[str]:
+    """Refuse a diff of the wrong kind for `spec` (classification vs regression, label count); return
+    warnings for a diff trained on another task."""
+    kind = "regression" if diff.label_names is None else f"{len(diff.label_names)}-class classification"
+    want = "regression" if spec.is_regression else f"{spec.num_labels}-class classification"
+    if kind != want:
+        raise DiffpruneError(f"{where} holds a {kind} diff (task '{diff.task}'), but task '{spec.name}' is "
+                             f"{want}; evaluate it on a task of its kind")
+    return [f"{where} was trained on task '{diff.task}', not '{spec.name}'"] if diff.task != spec.name else []
+
+
+def load_task_model(path: str | Path, base_model: str | None = None, check_fingerprint: bool = True,
+                    diff: TaskDiff | None = None):
+    """(model, tokenizer, diff): the base model named in the diff (or `base_model`) with the diff applied
+    (`diff`: the one already loaded from `path`)."""
+    diff = diff if diff is not None else load_diff(find_diff_dir(path))
     num_labels = len(diff.label_names) if diff.label_names else 1
     model, tokenizer, _ = load_model(base_model or diff.base_model, num_labels, diff.label_names)
     model = get_method(diff.method).attach(model, diff.config)  # adapters / LoRA layers, if the method adds any

@@ -29,6 +29,17 @@ def _parse_value(text: str):
         return text
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is the promised single `diffprune: error:` line (exit status 2)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class UsageError(Exception):
+    pass
+
+
 def add_task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--task", help="GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli) or a name for "
                                   "--train-file data", required=False)
@@ -67,6 +78,10 @@ def cmd_train(args) -> int:
             raise DiffpruneError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         options[key.replace("-", "_")] = _parse_value(value)
+    for flag, value in (("--lr", args.lr), ("--epochs", args.epochs), ("--l0-epochs", args.l0_epochs),
+                        ("--alpha-lr", args.alpha_lr), ("--l0-lambda", args.l0_lambda),
+                        ("--sparsity", args.sparsity), ("--warmup", args.warmup)):
+        check_finite_flag(flag, value)
     metrics = train(output_dir=args.output_dir, task=spec.name, model=args.model, method=args.method, spec=spec,
                     method_options=options, data_dir=args.data_dir, batch_size=args.batch_size,
                     max_length=args.max_length, seed=args.seed, max_train_samples=args.max_train_samples,
@@ -76,6 +91,14 @@ def cmd_train(args) -> int:
     if metrics.get("final") is not None:
         print_summary(args.output_dir, metrics)
     return 0
+
+
+def check_finite_flag(flag: str, value) -> None:
+    """argparse's float() takes 'nan' and 'inf'; no flag of ours means either."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DiffpruneError(f"{flag} must be a finite number, got {value}")
 
 
 def print_summary(output_dir: str, metrics: dict) -> None:
@@ -99,8 +122,14 @@ def cmd_eval(args) -> int:
     from .train.data import tokenize
     from .train.pipeline import TrainConfig, evaluate
 
+    from .api import check_diff_task, find_diff_dir
+    from .storage import load_diff
+
     spec = task_spec(args)
-    model, tokenizer, diff = load_task_model(args.run, base_model=args.base_model)
+    diff = load_diff(find_diff_dir(args.run))
+    for warning in check_diff_task(diff, spec, args.run):
+        print(f"diffprune: warning: {warning}", file=sys.stderr)
+    model, tokenizer, diff = load_task_model(args.run, base_model=args.base_model, diff=diff)
     data = load_task_data(spec, args.data_dir, max_train_samples=1, max_eval_samples=args.max_eval_samples,
                           seed=args.seed)
     max_length = diff.extra.get("max_length", 128)
@@ -148,15 +177,19 @@ def cmd_inspect(args) -> int:
 
 def cmd_merge(args) -> int:
     from .api import find_diff_dir
-    from .models import load_model
+    from .models import load_model, resolve_model_path
     from .storage import load_diff, merge_diff
+    from .storage.apply import check_merge_output
 
     from .methods import get_method
 
     diff = load_diff(find_diff_dir(args.run))
+    base = args.base_model or diff.base_model
+    out = Path(args.output)
+    check_merge_output(out, base, Path(resolve_model_path(base)))  # before the slow model load
     method = get_method(diff.method)
     num_labels = len(diff.label_names) if diff.label_names else 1
-    model, tokenizer, _ = load_model(args.base_model or diff.base_model, num_labels, diff.label_names)
+    model, tokenizer, _ = load_model(base, num_labels, diff.label_names)
     model = method.attach(model, diff.config)
     out = merge_diff(model, diff, args.output, tokenizer, fold=method.fold)
     from .heads import pruned_heads_of
@@ -187,6 +220,8 @@ def cmd_compare(args) -> int:
     from .compare import DEFAULT_METHODS, parse_entries, run_all
 
     spec = task_spec(args)  # validates the task before any run starts
+    check_finite_flag("--epochs", args.epochs)
+    check_finite_flag("--warmup", args.warmup)
     if args.epochs <= 0:
         raise DiffpruneError(f"--epochs must be positive, got {args.epochs}")
     labels = [m.strip() for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
@@ -204,6 +239,8 @@ def cmd_importance(args) -> int:
     from .heads.importance import run_importance
 
     spec = task_spec(args)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise DiffpruneError(f"--output {args.output} is an existing file; give a folder for the importance files")
     result = run_importance(args.model, spec, args.data_dir, args.output, num_examples=args.num_examples,
                             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
     ranking = result.get("ranking", [])
@@ -239,6 +276,8 @@ def cmd_sweep(args) -> int:
         raise DiffpruneError("--tasks is required, e.g. --tasks rte,mrpc")
     if args.train_file and len(tasks) != 1:
         raise DiffpruneError("--train-file data is one task: give a single name in --tasks")
+    check_finite_flag("--epochs", args.epochs)
+    check_finite_flag("--warmup", args.warmup)
     if args.epochs <= 0:
         raise DiffpruneError(f"--epochs must be positive, got {args.epochs}")
     specs = {}
@@ -271,7 +310,7 @@ def add_budget_args(p: argparse.ArgumentParser, set_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffprune", description=__doc__.split("\n")[0])
+    parser = Parser(prog="diffprune", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a task diff (or any other method) and store it")
@@ -359,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"diffprune: error: {exc}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)

@@ -29,7 +29,40 @@ def resolve_model_path(name: str) -> str:
     if os.path.sep in name or name.startswith("."):
         if not Path(name).is_dir():
             raise DiffpruneError(f"model directory not found: {name}")
+    if Path(name).is_dir():
+        check_model_dir(Path(name))
     return name
+
+
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_model_dir(path: Path) -> None:
+    """A local model folder must hold config.json and safetensors weights that are whole.
+
+    Pickled weights (pytorch_model.bin) are never loaded: unpickling a file can run any code in it.
+    """
+    if not (path / "config.json").is_file():
+        raise DiffpruneError(f"model directory {path} has no config.json (is it a transformers model folder? "
+                             "save one with save_pretrained)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for pattern in PICKLED for p in path.glob(pattern))
+        if pickled:
+            raise DiffpruneError(f"model directory {path} holds only pickled weights ({', '.join(pickled)}); "
+                                 "diffprune never unpickles a model file: convert it to model.safetensors "
+                                 "(save_pretrained(..., safe_serialization=True) where you trust it)")
+        return  # no weights at all: from_pretrained says so
+    import safetensors
+
+    for file in weights:
+        try:
+            with safetensors.safe_open(str(file), "pt") as f:
+                list(f.keys())
+        except Exception as exc:  # safetensors has its own error types for every kind of damage
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise DiffpruneError(f"{file} is corrupt or truncated ({reason}); copy or save the model again") \
+                from None
 
 
 # Module names that transformers uses for freshly initialised task heads, for models built in memory
@@ -56,7 +89,11 @@ def load_model(name: str, num_labels: int, label_names: list[str] | None = None,
     elif num_labels == 1:
         kwargs["problem_type"] = "regression"
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+        if Path(path).is_dir():
+            kwargs["use_safetensors"] = True
+        # a checkpoint whose head has another number of labels gets a new head (listed as mismatched)
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True,
+                                                                         ignore_mismatched_sizes=True, **kwargs)
         tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     except OSError as exc:
         raise DiffpruneError(f"could not load model '{name}': {str(exc).splitlines()[0]}") from exc
@@ -64,7 +101,8 @@ def load_model(name: str, num_labels: int, label_names: list[str] | None = None,
         raise DiffpruneError(f"model '{name}' has no sequence-classification head class: "
                              f"{str(exc).splitlines()[0]}") from exc
     params = dict(model.named_parameters())
-    head = sorted(k for k in info.get("missing_keys", ()) if k in params)
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+    head = sorted(k for k in {*info.get("missing_keys", ()), *mismatched} if k in params)
     if not head:
         head = head_names_by_convention(model)
     if tok is not None and tok.pad_token is None:

@@ -281,6 +281,8 @@ def run_importance(model_name: str, task_spec, data_dir, output_dir, num_example
     for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DiffpruneError(f"{name} must be a positive integer, got {value!r}")
+    if Path(output_dir).expanduser().exists() and not Path(output_dir).expanduser().is_dir():
+        raise DiffpruneError(f"--output {output_dir} is an existing file; give a folder for the importance files")
     spec = get_task(task_spec) if isinstance(task_spec, str) else task_spec
     data = load_task_data(spec, data_dir, max_train_samples=num_examples, max_eval_samples=1, seed=seed)
     torch.manual_seed(seed)

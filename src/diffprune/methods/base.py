@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -82,7 +84,20 @@ class MethodConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise DiffpruneError(f"unknown option(s) {unknown} for this method (known: {sorted(known)})")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+
+        def check(get) -> None:
+            for key in values:
+                if key in hints and not _fits(get(key), hints[key]):
+                    raise DiffpruneError(f"option {key} expects {_describe(hints[key])}, got {values[key]!r}")
+
+        try:  # the config's own checks speak first (they also accept a few conveniences, e.g. "a,b" lists)
+            config = cls(**values)
+        except (TypeError, ValueError) as exc:  # a comparison with a value of the wrong type
+            check(values.get)
+            raise DiffpruneError(f"invalid option value ({exc})") from None
+        check(lambda key: getattr(config, key))  # what passed them must still have the declared type
+        return config
 
     def check_sparsity(self, sparsity: float) -> None:
         if not (0.0 < sparsity <= 1.0):
@@ -100,6 +115,46 @@ class MethodConfig:
         for key, value in values.items():
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise DiffpruneError(f"{key} must be a finite number, got {value!r}")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether an option value (from JSON or `--set`) has the declared type; floats must be finite."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(v, args[1] if args else Any) for v in value.values())
+    return True  # a type this check does not know: the config's own __post_init__ decides
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    names = {bool: "true/false", int: "an integer", float: "a finite number", str: "a string",
+             type(None): "null"}
+    if tp in names:
+        return names[tp]
+    if origin in (list, tuple):
+        return f"a JSON list of {_describe(args[0]) if args else 'values'}"
+    if origin is dict:
+        return "a JSON object"
+    return str(tp)
 
 
 class Method(ABC):

@@ -8,6 +8,7 @@ back the base model bit for bit so several task diffs can be swapped on one resi
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..errors import DiffpruneError
+from ..io import _umask, atomic_write_json
 from .format import TaskDiff, _get_parameter, atomic_directory, fingerprint
 
 
@@ -122,6 +124,29 @@ def apply_diff(model: torch.nn.Module, diff: TaskDiff, check_fingerprint: bool =
     return applied
 
 
+MERGED_MARKER = "diffprune_merged.json"
+
+
+def is_merged_model(path: Path) -> bool:
+    """Whether `path` is a merged model written by `merge_diff` (the only folders merge may replace)."""
+    try:
+        return json.loads((Path(path) / MERGED_MARKER).read_text()).get("format") == "diffprune-merged-model"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_merge_output(out: Path, base: str, base_dir: Path) -> None:
+    """`merge` writes only to a new or empty folder or over an earlier merged model, never the base."""
+    out = Path(out)
+    if base_dir.is_dir() and out.exists() and out.resolve() in (base_dir.resolve(), *base_dir.resolve().parents):
+        raise DiffpruneError(f"--output {out} is (or holds) the base model {base}; merge into another folder")
+    if out.exists() and not out.is_dir():
+        raise DiffpruneError(f"--output {out} is an existing file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not is_merged_model(out):
+        raise DiffpruneError(f"refusing to replace {out}: it is not a merged model made by diffprune merge; "
+                             "choose another --output or remove it yourself")
+
+
 def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.PathLike, tokenizer=None,
                fold: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Path:
     """Apply `diff` and save the result as a plain transformers checkpoint in `output_dir` (atomically).
@@ -146,12 +171,18 @@ def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.Path
         problem_type = diff.extra.get("problem_type") or ("regression" if diff.label_names is None else None)
         if problem_type:
             model.config.problem_type = problem_type
-        is_model_dir = lambda p: (p / "config.json").is_file()  # noqa: E731
         plain = fold(model) if fold is not None else model
-        with atomic_directory(output_dir, is_model_dir) as tmp:
+        with atomic_directory(output_dir, is_merged_model) as tmp:
             plain.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            mode = 0o666 & ~_umask()  # save_pretrained's safetensors files are created 0600
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    os.chmod(file, mode)
+            atomic_write_json(tmp / MERGED_MARKER, {"format": "diffprune-merged-model", "method": diff.method,
+                                                     "task": diff.task, "base_model": diff.base_model,
+                                                     "fingerprint": diff.fingerprint})
     except BaseException:
         for key, value in old.items():
             setattr(cfg, key, value)

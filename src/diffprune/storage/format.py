@@ -30,6 +30,7 @@ import safetensors.torch
 import torch
 
 from ..errors import DiffpruneError
+from ..io import atomic_write
 
 FORMAT_NAME = "diffprune-task-diff"
 FORMAT_VERSION = 1
@@ -152,6 +153,11 @@ class TaskDiff:
             raise DiffpruneError(f"tensors are both sparse and dense in the diff: {', '.join(both)}")
         for name, delta in self.sparse.items():
             delta.validate(name)
+            if delta.values.numel() and not bool(torch.isfinite(delta.values).all()):
+                raise DiffpruneError(f"sparse diff '{name}' holds NaN or infinite values")
+        for name, value in self.dense.items():
+            if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+                raise DiffpruneError(f"dense tensor '{name}' holds NaN or infinite values")
         if self.label_names is not None and not all(isinstance(n, str) for n in self.label_names):
             raise DiffpruneError("label_names must be a list of strings (or None for regression)")
 
@@ -272,6 +278,8 @@ def save_diff(diff: TaskDiff, directory: str | os.PathLike, base_model: torch.nn
         "method": diff.method,
         "base_model": diff.base_model,
         "fingerprint": diff.fingerprint,
+        # whether a fingerprint was taken: a "fingerprint": null edited in by hand is then refused on load
+        "fingerprinted": diff.fingerprint is not None,
         "task": diff.task,
         "label_names": diff.label_names,
         "config": diff.config,
@@ -287,7 +295,8 @@ def save_diff(diff: TaskDiff, directory: str | os.PathLike, base_model: torch.nn
         raise DiffpruneError(f"the diff's config/extra is not JSON-serialisable: {exc}") from exc
 
     with atomic_directory(directory, lambda p: (p / CONFIG_FILE).is_file()) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT_NAME})
+        atomic_write(tmp / TENSOR_FILE,  # (safetensors alone creates the file 0600, whatever the umask)
+                     lambda t: safetensors.torch.save_file(tensors, t, metadata={"format": FORMAT_NAME}))
         meta["sizes"]["tensor_file_bytes"] = (tmp / TENSOR_FILE).stat().st_size
         meta["tensor_file_sha256"] = _sha256_file(tmp / TENSOR_FILE)
         with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
@@ -357,6 +366,13 @@ def load_diff(directory: str | os.PathLike) -> TaskDiff:
         diff.validate()
     except DiffpruneError as exc:
         raise DiffpruneError(f"{directory} is inconsistent: {exc}") from exc
+    if diff.fingerprint is None and meta.get("fingerprinted") and diff.fingerprint_names():
+        raise DiffpruneError(f"{directory / CONFIG_FILE} has \"fingerprint\": null although the diff was saved "
+                             "with one: the base-model check cannot be switched off by editing the file "
+                             "(pass check_fingerprint=False in Python if you must)")
+    if diff.fingerprint is not None and not (isinstance(diff.fingerprint, str)
+                                             and len(diff.fingerprint) == 64):
+        raise DiffpruneError(f"{directory / CONFIG_FILE}: fingerprint {diff.fingerprint!r} is not a sha256 hex")
     return diff
 
 

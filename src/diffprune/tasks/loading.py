@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from diffprune.errors import DiffpruneError
 from diffprune.tasks.specs import TaskSpec
 
+FLOAT32_MAX = 3.4028234663852886e38
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a few GLUE rows (QNLI, MNLI) hold long passages
 
 
@@ -51,9 +53,14 @@ def read_table(path, has_header: bool = True):
         kwargs = {}
     else:
         raise DiffpruneError(f"unsupported data file type '{suffix}' for {path} (use .csv, .tsv or .jsonl)")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, **kwargs)
-        rows = [(reader.line_num, row) for row in reader if row]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, **kwargs)
+            rows = [(reader.line_num, row) for row in reader if row]
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+    except csv.Error as exc:
+        raise DiffpruneError(f"{path}:{reader.line_num}: {exc}") from None
     header = None
     if has_header:
         if not rows:
@@ -62,15 +69,37 @@ def read_table(path, has_header: bool = True):
     return header, rows
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DiffpruneError:
+    """Name the line of the first byte that is not UTF-8 (the decoder's offset is not the file's)."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return DiffpruneError(f"{path}:{line}: byte 0x{raw[bad.start]:02x} at column {bad.start + 1} is "
+                                      "not UTF-8 text; save the file as UTF-8")
+    return DiffpruneError(f"{path} is not UTF-8 text ({exc.reason}); save the file as UTF-8")
+
+
 def _read_json(path: Path):
-    text = path.read_text(encoding="utf-8-sig")
     try:
-        if text.lstrip().startswith("["):
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+    records = []
+    if text.lstrip().startswith("["):
+        try:
             records = list(enumerate(json.loads(text), 1))
-        else:
-            records = [(i, json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    except json.JSONDecodeError as e:
-        raise DiffpruneError(f"{path} is not valid JSON / JSON lines: {e}") from None
+        except json.JSONDecodeError as e:
+            raise DiffpruneError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    else:  # one record per "\n"-separated line (str.splitlines would also split at U+2028 inside strings)
+        for i, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DiffpruneError(f"{path}:{i}: not a valid JSON line ({e.msg}, column {e.colno})") from None
     header: list[str] = []
     for i, rec in records:
         if not isinstance(rec, dict):
@@ -112,16 +141,23 @@ def _read_split(spec: TaskSpec, path: Path, split: str) -> dict[str, list]:
         if len(row) != width:
             if spec.skip_malformed:
                 continue
-            raise DiffpruneError(f"{path}:{line} has {len(row)} columns but expected {width} "
-                                 f"(is the file tab-separated with one example per line?)")
+            kind = ("a JSON object per line with the same keys" if path.suffix.lower() in (".json", ".jsonl")
+                    else "comma-separated with one example per line" if path.suffix.lower() == ".csv"
+                    else "tab-separated with one example per line")
+            raise DiffpruneError(f"{path}:{line} has {len(row)} columns but expected {width} (is the file "
+                                 f"{kind}?)")
         raw = row[label_idx]
         value = "" if raw is None else raw.strip()
         if label_map is None:
             try:
-                labels.append(float(value))
+                number = float(value)
             except ValueError:
                 raise DiffpruneError(f"label '{value}' at {path}:{line} is not a number "
                                      f"(task '{spec.name}' is a regression task)") from None
+            if not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):
+                raise DiffpruneError(f"label '{value}' at {path}:{line} is not a finite number (regression "
+                                     "labels must be finite float32 values)")
+            labels.append(number)
         else:
             if value not in label_map:
                 raise DiffpruneError(f"label '{value}' at {path}:{line} is not one of the labels of task "

@@ -14,8 +14,8 @@ Output directory layout:
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
+import math
 import json
 import logging
 import os
@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 from transformers import PrinterCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import DiffpruneError
 from ..io import atomic_save_tensors, atomic_write_json
 from ..methods import get_method, make_config
-from ..models import load_model
+from ..models import load_model, resolve_model_path
 from ..storage import TaskDiff, load_diff, save_diff
 from ..tasks import TaskSpec, compute_metrics, get_task, load_task_data
 from .data import collator, tokenize
+from .rundir import RunLock, check_output_dir, newest_complete_checkpoint, prepare_output_dir
 from .trainer import JsonlLogger, PhaseTrainer
 
 log = logging.getLogger("diffprune")
@@ -76,6 +76,8 @@ class TrainConfig:
                 raise DiffpruneError(f"--{key.replace('_', '-')} must be positive, got {value}")
         if not 0.0 <= self.warmup < 1.0:
             raise DiffpruneError(f"--warmup is a share of the steps in [0, 1), got {self.warmup}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise DiffpruneError(f"max-grad-norm must be a finite number >= 0, got {self.max_grad_norm}")
 
 
 def peak_rss_mb() -> float:
@@ -118,25 +120,54 @@ def evaluate(model, evals: dict, spec: TaskSpec, cfg: TrainConfig, tokenizer, ph
 
 def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
     """Train `cfg.method` on the task and write everything under `cfg.output_dir`; returns metrics.json."""
+    lock = RunLock(Path(cfg.output_dir))
+    try:
+        return _run(cfg, spec, lock)
+    finally:
+        lock.release()
+
+
+def max_positions(config) -> int | None:
+    """The longest input (in tokens) the model's position embeddings allow, if the config says."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int):
+        return None
+    if config.model_type in OFFSET_POSITIONS:  # positions start after the padding index
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod",
+                    "longformer", "mpnet", "ibert", "luke"}
+
+
+def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
     out = Path(cfg.output_dir)
-    check_output_dir(out, cfg)
+    main = is_main_process()
     spec = spec or get_task(cfg.task)
+    data_files = {"train": spec.train_file, **spec.eval_files}
+    if main:
+        check_output_dir(out, cfg, lock, resolve_model_path(cfg.model), data_files)
     method_cls = get_method(cfg.method)
     method_cfg = make_config(method_cls, cfg.method_options)  # validates before anything slow happens
     torch.manual_seed(cfg.seed)
 
     data = load_task_data(spec, cfg.data_dir, cfg.max_train_samples, cfg.max_eval_samples, cfg.seed)
     model, tokenizer, head = load_model(cfg.model, spec.num_labels, list(spec.label_names or []) or None)
-    prepare_output_dir(out, cfg)  # only now, so a mistake above leaves nothing behind
+    limit = max_positions(model.config)
+    if limit is not None and cfg.max_length > limit:
+        raise DiffpruneError(f"--max-length {cfg.max_length} is beyond the {limit} positions of model "
+                             f"'{cfg.model}'; use --max-length {limit} or less")
+    base_params = sum(p.numel() for n, p in model.named_parameters() if n not in set(head))
+    method = method_cls(method_cfg, model, head)  # checks --include/--exclude against the model
+    if main:  # only now, so a mistake above leaves nothing behind
+        prepare_output_dir(out, cfg, lock, data_files)
     train_ds = tokenize(data.train, tokenizer, cfg.max_length, spec.is_regression)
     evals = {k: tokenize(v, tokenizer, cfg.max_length, spec.is_regression) for k, v in data.evals.items()}
-    base_params = sum(p.numel() for n, p in model.named_parameters() if n not in set(head))
-    method = method_cls(method_cfg, model, head)
     method.prepare(train_ds, collator(tokenizer))
     base_fingerprint_model = model  # sparse methods hold θ unchanged whenever a snapshot is saved
 
     metrics: dict[str, Any] = {"task": spec.name, "method": cfg.method, "model": cfg.model, "phases": {}}
-    main = is_main_process()
     for phase in method.phases:
         phase_dir = out / "phases" / phase
         done = phase_dir / "metrics.json"
@@ -150,9 +181,7 @@ def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
                                train_dataset=train_ds, data_collator=collator(tokenizer),
                                callbacks=[JsonlLogger(out / "log.jsonl", phase)], phase=spec_phase,
                                warmup_fraction=cfg.warmup)
-        checkpoint = None
-        if cfg.resume and (phase_dir / "checkpoints").is_dir():
-            checkpoint = get_last_checkpoint(str(phase_dir / "checkpoints"))
+        checkpoint = newest_complete_checkpoint(phase_dir / "checkpoints", remove=main) if cfg.resume else None
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
@@ -207,32 +236,3 @@ def finish_diff(diff: TaskDiff, cfg: TrainConfig, spec: TaskSpec, base_params: i
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def check_output_dir(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to mix runs: an existing run directory needs --resume or --overwrite.
-
-    Only the main process checks: under torchrun the others start while it is already writing there.
-    """
-    if is_main_process() and out.exists() and any(out.iterdir()):
-        if cfg.overwrite:
-            return
-        if not cfg.resume:
-            raise DiffpruneError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
-                                 "start again, or choose another --output-dir")
-        elif (out / "run_config.json").exists():
-            previous = json.loads((out / "run_config.json").read_text())
-            for key in ("task", "model", "method", "method_options", "seed", "max_train_samples"):
-                if previous.get(key) != getattr(cfg, key):
-                    raise DiffpruneError(f"--resume: {out} was started with {key}={previous.get(key)!r}, "
-                                         f"not {getattr(cfg, key)!r}")
-
-
-def prepare_output_dir(out: Path, cfg: TrainConfig) -> None:
-    if not is_main_process():
-        return
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        atomic_write_json(out / "run_config.json", dataclasses.asdict(cfg))

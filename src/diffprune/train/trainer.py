@@ -21,6 +21,8 @@ import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..errors import DiffpruneError
+from ..io import atomic_write
 from ..methods.base import PhaseSpec
 
 
@@ -93,14 +95,30 @@ class PhaseTrainer(Trainer):
         outputs = model(**inputs)
         loss = outputs.loss
         if model.training:
-            self._task_loss_sum += float(loss.detach())
+            task_loss = float(loss.detach())
+            self._check_finite("loss", task_loss)
+            self._task_loss_sum += task_loss
             self._loss_count += 1
             if self.phase.penalty is not None:
                 progress = self.state.global_step / max(1, self.state.max_steps or 1)
                 penalty = self.phase.penalty(progress)
-                self._penalty_sum += float(penalty.detach())
+                value = float(penalty.detach())
+                self._check_finite("penalty", value)
+                self._penalty_sum += value
                 loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, what: str, value: float) -> None:
+        """Stop before a non-finite loss reaches the weights: checkpoints saved so far stay good."""
+        if not math.isfinite(value):
+            where = Path(self.args.output_dir)
+            kept = sorted(where.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if
+                          p.name.split("-")[-1].isdigit() else -1) if where.is_dir() else []
+            raise DiffpruneError(
+                f"the training {what} became {value} at step {self.state.global_step + 1} of phase "
+                f"'{self.phase.name}'; the run stopped"
+                + (f" (last good checkpoint kept: {kept[-1]})" if kept else "")
+                + "; lower --lr or check the data's labels")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_count:
@@ -123,7 +141,8 @@ class PhaseTrainer(Trainer):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
                  if k in trainable or k.startswith("source.")}
-        safetensors.torch.save_file(state, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+        atomic_write(os.path.join(output_dir, "model.safetensors"),
+                     lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}))
 
 
 class _ClipGroups(TrainerCallback):
