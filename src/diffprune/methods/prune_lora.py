@@ -244,7 +244,7 @@ class _PrunedMethod(Method):
 
     def __init__(self, config: HeadPruneOptions, model: nn.Module, head_names: list[str]):
         super().__init__(config, model, head_names)
-        get_arch(model)  # bert / roberta / distilbert only: fail before any data is touched
+        get_arch(model)  # a family whose heads cannot be pruned (T5) fails before any data is touched
         self.inner: Method | None = None
         self.scores: torch.Tensor | None = None  # (layers, heads), before pruning
         self.pruned: dict[int, list[int]] = {}
