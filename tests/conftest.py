@@ -71,7 +71,8 @@ def make_tiny(arch: str = "bert", num_labels: int = 2, vocab_size: int = 128, se
 
 # Families beyond the original four, each built from a tiny config: (config class, model class, fields).
 # Chosen for what they do differently: disentangled relative attention (deberta-v2), rotary attention
-# (roformer), alternating local/global attention with a fused q|k|v and no biases (modernbert), decoders with
+# (roformer), alternating local/global attention with a fused q|k|v and no biases (modernbert), one shared layer
+# (albert), decoders with
 # grouped-query attention and tied embeddings (llama without biases, qwen2 with q/k/v biases), and two
 # encoder-decoders (bart; t5 with its shared relative position bias and no biases).
 _SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -85,6 +86,8 @@ FAMILIES = {
     "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification",
                    dict(_SMALL, global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, bos_token_id=2,
                         eos_token_id=3, cls_token_id=2, sep_token_id=3)),
+    # ALBERT: one layer group whose weights every layer shares (cross-layer parameter sharing)
+    "albert": ("AlbertConfig", "AlbertForSequenceClassification", dict(_SMALL, embedding_size=16)),
     "llama": ("LlamaConfig", "LlamaForSequenceClassification", _GQA),
     "qwen2": ("Qwen2Config", "Qwen2ForSequenceClassification", _GQA),
     "bart": ("BartConfig", "BartForSequenceClassification",

@@ -26,6 +26,8 @@ LAYOUT = {
                    "output.dense", 4, 4),
     "roformer": ("roformer.encoder.layer.0", 2, "attention.self.query", "attention.output.dense", "output.dense", 4, 4),
     "modernbert": ("model.layers.0", 2, "attn.Wqkv", "attn.Wo", "mlp.Wo", 4, 4),
+    "albert": ("albert.encoder.albert_layer_groups.0", 1, "albert_layers.0.attention.query",
+               "albert_layers.0.attention.dense", "albert_layers.0.ffn_output", 4, 4),  # one shared layer
     "llama": ("model.layers.0", 2, "self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj", 4, 2),
     "qwen2": ("model.layers.0", 2, "self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj", 4, 2),
     "bart": ("model.encoder.layers.0", 4, "self_attn.q_proj", "self_attn.out_proj", "fc2", 4, 4),
@@ -36,7 +38,7 @@ LAYOUT = {
 HEAD = {"bert": {"classifier"}, "roberta": {"classifier.dense", "classifier.out_proj"},
         "distilbert": {"pre_classifier", "classifier"}, "gpt2": {"score"},
         "deberta-v2": {"pooler.dense", "classifier"}, "roformer": {"classifier.dense", "classifier.out_proj"},
-        "modernbert": {"head.dense", "head.norm", "classifier"}, "llama": {"score"}, "qwen2": {"score"},
+        "modernbert": {"head.dense", "head.norm", "classifier"}, "albert": {"classifier"}, "llama": {"score"}, "qwen2": {"score"},
         "bart": {"classification_head.dense", "classification_head.out_proj"},
         "t5": {"classification_head.dense", "classification_head.out_proj"}}
 
@@ -59,7 +61,7 @@ def test_discovered_layout(family):
         assert [len(la.cross_attention) for la in arch.layers] == [0, 0, 1, 1]
         assert arch.layers[2].group == "decoder.layer.0"
     else:
-        assert [la.group for la in arch.layers] == ["layer.0", "layer.1"]
+        assert [la.group for la in arch.layers] == ["layer.0", "layer.1"][:n_layers]
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -152,3 +154,20 @@ def test_lora_on_a_discovered_family_adapts_exactly_q_k_v_o():
     assert adapted == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "o_proj", "q_proj",
                                                                                       "v_proj")]
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_stats_keep_encoder_and_decoder_layers_apart():
+    """`inspect`'s per-layer numbers of a BART diff: encoder and decoder layers apart, the head as head."""
+    from diffprune.methods import get_method, make_config
+    from diffprune.storage import diff_stats
+
+    model = make_tiny("bart")
+    cls = get_method("last-layer")
+    diff = cls(make_config(cls, {}), model, task_head_names(model)).export()
+    groups = diff_stats(diff)["dense_params_by_layer"]
+    assert list(groups) == ["decoder.layer.1", "head"]  # last-layer: exactly one layer, the decoder's top
+    cls = get_method("full")
+    groups = diff_stats(cls(make_config(cls, {}), model, task_head_names(model)).export())["dense_params_by_layer"]
+    assert list(groups)[:5] == ["embeddings", "encoder.layer.0", "encoder.layer.1", "decoder.layer.0",
+                                "decoder.layer.1"]
+    assert list(groups)[-1] == "head"

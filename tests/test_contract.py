@@ -1,7 +1,8 @@
-"""The contract every method keeps, checked as one matrix: every registered method × eleven tiny families.
+"""The contract every method keeps, checked as one matrix: every registered method × twelve tiny families.
 
 Families (tests/conftest.py): encoders bert, roberta, distilbert, deberta-v2 (disentangled relative
-attention), roformer (rotary), modernbert (alternating local/global attention, fused q|k|v, no biases);
+attention), roformer (rotary), modernbert (alternating local/global attention, fused q|k|v, no biases),
+albert (one layer shared by all layers);
 decoders gpt2 (Conv1D), llama and qwen2 (grouped-query attention, tied embeddings); encoder-decoders bart
 and t5. A method refuses a family only where it has nothing to act on (`REFUSED`, with the reason).
 
@@ -34,11 +35,11 @@ REFUSED = {("bitfit", "llama"): _NO_BIAS, ("bitfit", "modernbert"): _NO_BIAS, ("
 TOP_LAYER = {"bert": "bert.encoder.layer.1.", "roberta": "roberta.encoder.layer.1.",
              "distilbert": "distilbert.transformer.layer.1.", "gpt2": "transformer.h.1.",
              "deberta-v2": "deberta.encoder.layer.1.", "roformer": "roformer.encoder.layer.1.",
-             "modernbert": "model.layers.1.", "llama": "model.layers.1.", "qwen2": "model.layers.1.",
+             "modernbert": "model.layers.1.", "albert": "albert.encoder.albert_layer_groups.0.", "llama": "model.layers.1.", "qwen2": "model.layers.1.",
              "bart": "model.decoder.layers.1.", "t5": "transformer.decoder.block.1."}
 # attention blocks per family (2 layers; an encoder-decoder: 2 encoder self + 2 decoder self + 2 cross) and
 # whether q|k|v is one fused projection
-ATTENTION_BLOCKS = {"bart": 6, "t5": 6}
+ATTENTION_BLOCKS = {"bart": 6, "t5": 6, "albert": 1}  # ALBERT: one shared layer, applied twice
 FUSED_QKV = {"gpt2", "modernbert"}
 HIDDEN, HEADS, HEAD_DIM = 32, 4, 8
 FOLDABLE = {"full", "bitfit", "last-layer", "lora", "diff-pruning", "non-adaptive-diff-pruning", "lt-sft"}
@@ -74,7 +75,7 @@ def expected_trainable(name, phase, model, head, method, arch):
         return ATTENTION_BLOCKS.get(arch, 2) * (qkv + r * (HEADS * HEAD_DIM + HIDDEN)) + head_n
     if name.startswith("adapter-"):  # m = 64: down H·m + m, up m·H + H; plus every norm of the body
         per_layer = 2 if name == "adapter-houlsby" else 1
-        layers = 4 if model.config.is_encoder_decoder else 2
+        layers = 4 if model.config.is_encoder_decoder else 1 if arch == "albert" else 2
         m = 64
         norms = sum(numel[n] for n in body if any("norm" in p.lower() or p.startswith("ln_") for p in n.split(".")))
         return layers * per_layer * (2 * HIDDEN * m + m + HIDDEN) + norms + head_n

@@ -171,6 +171,20 @@ def test_unsupported_arch_is_an_error():
         prune_heads(model, {0: [0]})
 
 
+def test_shared_layer_pruned_equals_masked():
+    """ALBERT applies its one layer twice: pruning its heads equals masking them in both applications."""
+    batch = random_batch(make_tiny("albert"))
+    reference = make_tiny("albert")
+    with head_masks(reference, _mask_for({0: [1, 2]}, 1)):
+        want = _logits(reference, batch)
+    assert not torch.allclose(want, _logits(reference, batch), atol=1e-5)
+    model = make_tiny("albert")
+    before = count_parameters(model)
+    assert prune_heads(model, {0: [1, 2]}) == {0: [1, 2]}
+    torch.testing.assert_close(_logits(model, batch), want, atol=1e-5, rtol=1e-5)
+    assert count_parameters(model) == before - 2 * (3 * (H * D + D) + H * D)
+
+
 @pytest.mark.parametrize("family", GQA)
 def test_gqa_prunes_whole_key_value_groups(family):
     """Naming one query head removes its key/value group: the logits equal the model with both query heads of

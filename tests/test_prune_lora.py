@@ -1,4 +1,5 @@
-"""Prune-LoRA and head-pruning on tiny BERT / RoBERTa / DistilBERT built from configs.
+"""Prune-LoRA and head-pruning in detail on tiny BERT / RoBERTa / DistilBERT (tests/test_contract.py runs them on
+every other family).
 
 What is checked independently of the implementation: the number and identity of the pruned heads (the
 lowest scores), which layers get the high LoRA rank (top-k by the summed importance of their remaining
