@@ -1,6 +1,7 @@
 """Bottleneck adapters (Houlsby, Pfeiffer) on tiny BERT / RoBERTa / DistilBERT: what trains (counted from the
 definition), near-identity start, training works, export → save → load → attach + apply parity, fingerprint
-refusal, undiscoverable layouts, no folding, and one end-to-end run through `diffprune.api.train`. Every other family: tests/test_contract.py."""
+refusal, undiscoverable layouts, no folding, and one end-to-end run through `diffprune.api.train`. Every
+other family: tests/test_contract.py."""
 import copy
 
 import pytest

@@ -38,7 +38,8 @@ LAYOUT = {
 HEAD = {"bert": {"classifier"}, "roberta": {"classifier.dense", "classifier.out_proj"},
         "distilbert": {"pre_classifier", "classifier"}, "gpt2": {"score"},
         "deberta-v2": {"pooler.dense", "classifier"}, "roformer": {"classifier.dense", "classifier.out_proj"},
-        "modernbert": {"head.dense", "head.norm", "classifier"}, "albert": {"classifier"}, "llama": {"score"}, "qwen2": {"score"},
+        "modernbert": {"head.dense", "head.norm", "classifier"}, "albert": {"classifier"},
+        "llama": {"score"}, "qwen2": {"score"},
         "bart": {"classification_head.dense", "classification_head.out_proj"},
         "t5": {"classification_head.dense", "classification_head.out_proj"}}
 

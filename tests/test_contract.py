@@ -35,7 +35,8 @@ REFUSED = {("bitfit", "llama"): _NO_BIAS, ("bitfit", "modernbert"): _NO_BIAS, ("
 TOP_LAYER = {"bert": "bert.encoder.layer.1.", "roberta": "roberta.encoder.layer.1.",
              "distilbert": "distilbert.transformer.layer.1.", "gpt2": "transformer.h.1.",
              "deberta-v2": "deberta.encoder.layer.1.", "roformer": "roformer.encoder.layer.1.",
-             "modernbert": "model.layers.1.", "albert": "albert.encoder.albert_layer_groups.0.", "llama": "model.layers.1.", "qwen2": "model.layers.1.",
+             "modernbert": "model.layers.1.", "albert": "albert.encoder.albert_layer_groups.0.",
+             "llama": "model.layers.1.", "qwen2": "model.layers.1.",
              "bart": "model.decoder.layers.1.", "t5": "transformer.decoder.block.1."}
 # attention blocks per family (2 layers; an encoder-decoder: 2 encoder self + 2 decoder self + 2 cross) and
 # whether q|k|v is one fused projection

@@ -325,3 +325,11 @@ def test_run_importance_end_to_end(tiny_model_dir, tmp_path):
     assert out["meta"]["num_examples"] == 24
     for name in ("importance.json", "importance.safetensors", "importance.png"):
         assert (tmp_path / "out" / name).is_file()
+
+
+def test_gqa_selection_picks_whole_groups():
+    """Groups of 2: a group scores its heads' mean; count 2 query heads = the one weakest group."""
+    scores = torch.tensor([[0.9, 0.1, 0.4, 0.5], [0.2, 0.3, 0.8, 0.9]])  # group means: .5 .45 / .25 .85
+    assert select_heads_to_prune(scores, count=2, group=2) == {1: [0, 1]}
+    assert select_heads_to_prune(scores, fraction=0.5, group=2) == {0: [2, 3], 1: [0, 1]}
+    assert select_heads_to_prune(scores, threshold=0.48, group=2) == {0: [2, 3], 1: [0, 1]}

@@ -230,9 +230,8 @@ def _attentions(model, layer_name: str, layer: nn.Module, stack: str, over: dict
                                    module.head_dim, cross=bool(found)))
             continue
         kids = dict(module.named_children())
-        pick = lambda names, key: over.get(key) or next((n for n in names if n in kids and _is_projection(kids[n])), None)
-        q, k, v = pick(Q_NAMES, "q"), pick(K_NAMES, "k"), pick(V_NAMES, "v")
-        qkv = pick(FUSED_NAMES, "qkv") if not (q and k and v) else None
+        q, k, v = (_pick(kids, names, over.get(key)) for names, key in ((Q_NAMES, "q"), (K_NAMES, "k"), (V_NAMES, "v")))
+        qkv = _pick(kids, FUSED_NAMES, over.get("qkv")) if not (q and k and v) else None
         if not (q and k and v) and not qkv:
             continue
         q_in = features(kids[q] if q else kids[qkv])[0]
@@ -267,6 +266,11 @@ def _attentions(model, layer_name: str, layer: nn.Module, stack: str, over: dict
         found.append(Attention(prefix, q and full(q), k and full(k), v and full(v), qkv and full(qkv),
                                f"{layer_name}.{out}", heads, kv_heads, dim, cross=bool(found)))
     return found
+
+
+def _pick(kids: dict[str, nn.Module], names: tuple[str, ...], override: str | None) -> str | None:
+    """The override, else the first of `names` that is a projection among `kids`."""
+    return override or next((n for n in names if n in kids and _is_projection(kids[n])), None)
 
 
 def _find_out(layer: nn.Module, rel: str, qkv_names: set, hidden: int) -> str | None:

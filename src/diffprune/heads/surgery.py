@@ -41,6 +41,7 @@ from torch import nn
 
 from diffprune.archs import Arch, Attention, describe, features
 from diffprune.errors import DiffpruneError
+from diffprune.heads.selection import select_heads_to_prune  # noqa: F401  (part of this module's API)
 
 CONFIG_KEY = "diffprune_pruned_heads"
 # attributes of attention modules that hold the head count / the concatenated heads' width (transformers 5.x)
@@ -368,45 +369,6 @@ def load_pruned(path, model_class=None, dtype: torch.dtype | None = None) -> nn.
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Selection
-
-
-def select_heads_to_prune(scores: torch.Tensor, count: int | None = None, fraction: float | None = None,
-                          threshold: float | None = None) -> dict[int, list[int]]:
-    """The least important heads of a (layers, heads) score map, as {layer: sorted heads}.
-
-    Give exactly one of: `count` heads, a `fraction` of all heads (rounded to the nearest count), or every
-    head scoring strictly below `threshold`. NaN scores (heads already pruned) are never selected; ties
-    are broken by (layer, head) order so the choice is deterministic.
-    """
-    given = [name for name, v in (("count", count), ("fraction", fraction), ("threshold", threshold)) if v is not None]
-    if len(given) != 1:
-        raise DiffpruneError("select heads to prune by exactly one of count, fraction or threshold "
-                             f"(got {', '.join(given) or 'none'})")
-    scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
-    if scores.dim() != 2:
-        raise DiffpruneError(f"head scores must be a (layers, heads) matrix, got shape {tuple(scores.shape)}")
-    flat = scores.flatten()
-    valid = torch.nonzero(~torch.isnan(flat)).flatten()
-    order = valid[torch.argsort(flat[valid], stable=True)]  # least important first
-    if count is not None:
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(valid):
-            raise DiffpruneError(f"count must be an integer from 0 to {len(valid)} (the prunable heads), got {count!r}")
-        chosen = order[:count]
-    elif fraction is not None:
-        if not 0.0 <= float(fraction) <= 1.0:
-            raise DiffpruneError(f"fraction must be between 0 and 1, got {fraction!r}")
-        chosen = order[:int(round(float(fraction) * len(valid)))]
-    else:
-        chosen = order[flat[order] < float(threshold)]
-    n_heads = scores.shape[1]
-    out: dict[int, list[int]] = {}
-    for i in sorted(chosen.tolist()):
-        out.setdefault(i // n_heads, []).append(i % n_heads)
-    return out
 
 
 def count_parameters(model: nn.Module) -> int:

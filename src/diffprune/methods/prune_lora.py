@@ -46,7 +46,8 @@ from torch import nn
 
 from ..errors import DiffpruneError
 from ..heads.importance import head_importance
-from ..heads.surgery import get_arch, prune_heads, pruned_heads_of, select_heads_to_prune, transformer_layers
+from ..heads.surgery import (get_arch, group_size, prune_heads, pruned_heads_of, select_heads_to_prune,
+                             transformer_layers)
 from ..storage import TaskDiff
 from .base import Method, MethodConfig, PhaseSpec, register
 from .lora import LoRA, LoRAConfig, _check_rank, is_lora_param, lora_layers, peft_config
@@ -262,7 +263,9 @@ class _PrunedMethod(Method):
         start = time.perf_counter()
         batches = importance_batches(train_dataset, collate, c.importance_examples, c.importance_batch_size)
         self.scores = head_importance(self.model, batches)  # eval mode, no weight gradients
-        self.pruned = prune_heads(self.model, select_heads_to_prune(self.scores, **c.selection()))
+        # grouped-query attention: whole key/value groups are chosen (see select_heads_to_prune)
+        selection = select_heads_to_prune(self.scores, **c.selection(), group=group_size(self.model))
+        self.pruned = prune_heads(self.model, selection)
         # reported with the phase's training figures in metrics.json (the seed calls this step negligible)
         self.phase_stats = {"finetune": {"importance_seconds": round(time.perf_counter() - start, 2),
                                          "pruned_heads": sum(map(len, self.pruned.values()))}}

@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import DiffpruneError
-from ..archs import group_order, two_stacks  # group_order: the order of `layer_group`'s groups
+from ..archs import group_order, two_stacks  # noqa: F401  (group_order: tables.py takes it from here)
 from ..storage import TaskDiff, diff_stats, layer_group, load_diff
 
 DP_VARIANTS = ("diff-pruning-structured", "diff-pruning")  # preference order where one must be picked
