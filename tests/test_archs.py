@@ -172,3 +172,28 @@ def test_stats_keep_encoder_and_decoder_layers_apart():
     assert list(groups)[:5] == ["embeddings", "encoder.layer.0", "encoder.layer.1", "decoder.layer.0",
                                 "decoder.layer.1"]
     assert list(groups)[-1] == "head"
+
+
+@pytest.mark.parametrize("method", ["diff-pruning", "lora"])
+def test_encoder_decoder_trains_and_evaluates_end_to_end(method, tmp_path, minilm_tokenizer):
+    """The issue's crash: a BART classifier through the whole pipeline (train, evaluate, store, reload)."""
+    from conftest import VOCAB, assert_eval_reproduces
+
+    from diffprune.api import load_task_model, train
+    from diffprune.tasks import demo_task, write_demo_data
+
+    model = make_tiny("bart", vocab_size=VOCAB)
+    model.config.eos_token_id = minilm_tokenizer.sep_token_id  # BART classifies at the final [SEP]
+    model.config.pad_token_id = minilm_tokenizer.pad_token_id
+    model.save_pretrained(tmp_path / "bart")
+    minilm_tokenizer.save_pretrained(tmp_path / "bart")
+    spec = demo_task(write_demo_data(tmp_path / "data"))
+    out = tmp_path / "run"
+    options = {"sparsity": 0.05, "l0_epochs": 1.0} if method == "diff-pruning" else {}
+    metrics = train(str(out), model=str(tmp_path / "bart"), method=method, spec=spec, max_train_samples=32,
+                    max_eval_samples=40, batch_size=16, max_length=16, epochs=1, progress=False, **options)
+    assert "accuracy" in next(iter(metrics["final"].values()))
+    loaded, tokenizer, diff = load_task_model(out)
+    head = set(task_head_names(loaded))
+    assert head <= set(diff.dense) and not head & set(diff.sparse)  # the head is stored whole, never sparse
+    assert_eval_reproduces(loaded, tokenizer, spec, out, tmp_path / "e")
