@@ -55,9 +55,50 @@ def make_tiny(arch: str = "bert", num_labels: int = 2, vocab_size: int = 128, se
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                          pad_token_id=0, **common)
         model = GPT2ForSequenceClassification(cfg)
+    elif arch in FAMILIES:
+        import transformers
+
+        config_name, model_name, kwargs = FAMILIES[arch]
+        # named labels: transformers 5 leaves id2label out of a saved config when it looks default, and BART's
+        # default is 3 labels, so a saved 2-label BART would reload with a 3-way head
+        labels = {i: f"label{i}" for i in range(num_labels)}
+        cfg = getattr(transformers, config_name)(vocab_size=vocab_size, id2label=labels, **kwargs, **common)
+        model = getattr(transformers, model_name)(cfg)
     else:
         raise ValueError(arch)
     return model.eval()
+
+
+# Families beyond the original four, each built from a tiny config: (config class, model class, fields).
+# Chosen for what they do differently: disentangled relative attention (deberta-v2), rotary attention
+# (roformer), alternating local/global attention with a fused q|k|v and no biases (modernbert), one shared layer
+# (albert), decoders with
+# grouped-query attention and tied embeddings (llama without biases, qwen2 with q/k/v biases), and two
+# encoder-decoders (bart; t5 with its shared relative position bias and no biases).
+_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=64)
+_GQA = dict(_SMALL, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
+FAMILIES = {
+    "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
+                   dict(_SMALL, relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=16,
+                        initializer_range=0.2)),  # at 0.02 the heads barely move the tiny model's loss
+    "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", dict(_SMALL, embedding_size=32)),
+    "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification",
+                   dict(_SMALL, global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, bos_token_id=2,
+                        eos_token_id=3, cls_token_id=2, sep_token_id=3)),
+    # ALBERT: one layer group whose weights every layer shares (cross-layer parameter sharing)
+    "albert": ("AlbertConfig", "AlbertForSequenceClassification", dict(_SMALL, embedding_size=16)),
+    "llama": ("LlamaConfig", "LlamaForSequenceClassification", _GQA),
+    "qwen2": ("Qwen2Config", "Qwen2ForSequenceClassification", _GQA),
+    "bart": ("BartConfig", "BartForSequenceClassification",
+             dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                  init_std=0.2)),  # BART's default 0.02 makes a 32-wide model's heads all but invisible
+    "t5": ("T5Config", "T5ForSequenceClassification",
+           dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+}
+ALL_FAMILIES = ("bert", "roberta", "distilbert", "gpt2") + tuple(FAMILIES)
 
 
 def phase_steps(spec, batch, labels, n: int = 15, lr: float = 1e-2) -> list[float]:
@@ -120,6 +161,11 @@ def assert_eval_reproduces(model, tokenizer, spec, run_dir, work_dir, max_length
 def random_batch(model, batch: int = 3, length: int = 7, seed: int = 1):
     """Random token ids (no padding) valid for `model`'s vocabulary."""
     g = torch.Generator().manual_seed(seed)
+    if getattr(model.config, "is_encoder_decoder", False):
+        # BART / T5 classify at the final EOS, which must occur equally often in every row: one, at the end
+        ids = torch.randint(4, model.config.vocab_size, (batch, length), generator=g)
+        ids[:, -1] = model.config.eos_token_id
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     ids = torch.randint(2, model.config.vocab_size, (batch, length), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 

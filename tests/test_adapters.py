@@ -1,6 +1,7 @@
 """Bottleneck adapters (Houlsby, Pfeiffer) on tiny BERT / RoBERTa / DistilBERT: what trains (counted from the
 definition), near-identity start, training works, export → save → load → attach + apply parity, fingerprint
-refusal, unsupported architectures, no folding, and one end-to-end run through `diffprune.api.train`."""
+refusal, undiscoverable layouts, no folding, and one end-to-end run through `diffprune.api.train`. Every
+other family: tests/test_contract.py."""
 import copy
 
 import pytest
@@ -197,12 +198,20 @@ def test_trains_and_roundtrips(name, adapter_arch, tmp_path):
 
 # ------------------------------------------------------------------------------------------- errors, config
 
-def test_unsupported_architecture_names_the_supported_ones(name):
+class _NoLayers(torch.nn.Module):
+    """A model with no transformer layers to find."""
+    def __init__(self):
+        super().__init__()
+        self.config = type("Cfg", (), {"model_type": "oddity"})()
+        self.proj = torch.nn.Linear(4, 4)
+
+
+def test_undiscoverable_layout_says_how_to_override(name):
+    """Adapters go wherever archs.describe finds layers (GPT-2 included, see test_contract); a model where
+    it finds none is refused with what was missing and how to override it."""
     cls = get_method(name)
-    with pytest.raises(DiffpruneError, match=r"bert, distilbert, roberta.*gpt2"):
-        build(name, "gpt2")
-    with pytest.raises(DiffpruneError, match="gpt2"):
-        cls.attach(make_tiny("gpt2"), {})
+    with pytest.raises(DiffpruneError, match=r"oddity: found no transformer layers.*OVERRIDES.*DIFFPRUNE_ARCH"):
+        cls.attach(_NoLayers(), {})
 
 
 def test_fold_is_refused(name):

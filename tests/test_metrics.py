@@ -91,3 +91,43 @@ def test_torch_tensors_are_accepted():
     logits = torch.tensor(logits_for(PRED)).to(torch.bfloat16)
     out = compute_metrics(get_task("cola"), logits, torch.tensor(GOLD))
     assert out["mcc"] == pytest.approx(5 / 12)
+
+
+# ------------------------------------------------------------------------------------------ any model output
+
+def test_tuple_predictions_use_the_logits():
+    """A seq2seq classifier's eval predictions are (logits, encoder hidden state): the logits are scored."""
+    logits = logits_for(PRED)
+    hidden = np.zeros((len(PRED), 5, 8), dtype=np.float32)  # what made np.asarray fail: a ragged tuple
+    want = compute_metrics(get_task("mrpc"), logits, GOLD)
+    assert compute_metrics(get_task("mrpc"), (logits, hidden), GOLD) == want
+    assert compute_metrics(get_task("mrpc"), [logits, hidden, hidden[:, :2]], GOLD) == want
+    assert compute_metrics(get_task("mrpc"), {"logits": logits}, GOLD) == want
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_evaluate_an_encoder_decoder(family, minilm_tokenizer, tmp_path):
+    """The pipeline's evaluation of a tiny BART / T5 classifier gives the accuracy of its own logits."""
+    import torch
+    from conftest import VOCAB, make_tiny
+
+    from diffprune.tasks import demo_task, load_task_data, write_demo_data
+    from diffprune.train.data import tokenize
+    from diffprune.train.pipeline import TrainConfig, evaluate
+
+    spec = demo_task(write_demo_data(tmp_path / "data", n_train=8, n_dev=12))
+    model = make_tiny(family, vocab_size=VOCAB)
+    model.config.eos_token_id = minilm_tokenizer.sep_token_id  # the classifier reads the final [SEP]
+    model.config.pad_token_id = minilm_tokenizer.pad_token_id
+    data = load_task_data(spec, None, max_train_samples=1, max_eval_samples=12, seed=0)
+    evals = {k: tokenize(v, minilm_tokenizer, 16, spec.is_regression) for k, v in data.evals.items()}
+    got = evaluate(model, evals, spec, TrainConfig(output_dir=str(tmp_path / "run"), progress=False),
+                   minilm_tokenizer, tmp_path / "run")
+    split, dataset = next(iter(evals.items()))
+    correct = 0
+    with torch.no_grad():
+        for row in dataset:
+            ids = torch.as_tensor(row["input_ids"]).view(1, -1)
+            logits = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            correct += int(logits.argmax(-1).item() == int(row["labels"]))
+    assert got[split]["accuracy"] == pytest.approx(correct / len(dataset))

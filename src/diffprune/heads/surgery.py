@@ -1,8 +1,9 @@
-"""Attention-head pruning by weight surgery for BERT, RoBERTa and DistilBERT (transformers 5.x).
+"""Attention-head pruning by weight surgery for every family `diffprune.archs` can describe (transformers 5.x).
 
 transformers 5 removed `PreTrainedModel.prune_heads` and head masks, so Prune-LoRA's step 2 (remove the
 least important heads, see docs METHODS.md "Prune-LoRA") is done here: the pruned heads' rows of the
-query / key / value projections and the matching input columns of the attention output projection are
+query / key / value projections (separate, or one fused q|k|v projection: GPT-2, ModernBERT; DeBERTa's
+relative-position projections too) and the matching input columns of the attention output projection are
 dropped, so memory and compute really shrink (masking a head, as the seed did, saves neither).
 
     from diffprune.heads import prune_heads, select_heads_to_prune, load_pruned
@@ -10,11 +11,21 @@ dropped, so memory and compute really shrink (masking a head, as the seed did, s
     model.save_pretrained("out")                                  # config.json records the pruned heads
     model = load_pruned("out")                                    # rebuilds the smaller shapes, loads weights
 
+What is pruned:
+* Layers are numbered as `archs.describe` lists them: an encoder-decoder's encoder layers first, then its
+  decoder layers. Only self-attention is pruned; cross-attention blocks keep every head.
+* Grouped-query attention (Llama, Qwen2, Mistral: fewer key/value heads than query heads): a query head
+  cannot go without the other query heads of its key/value group, so naming any head of a group removes
+  the whole group (its query heads, its key and value head). The returned record lists every query head
+  removed.
+* Families whose attention cannot lose heads per layer are refused with the reason (T5 shares one per-head
+  relative position bias over all layers; `archs.OVERRIDES["t5"]`).
+
 Head indices are always the *original* ones (0 … num_heads-1 of the unpruned model): the record
 `config.diffprune_pruned_heads = {"layer": [heads]}` says which are gone, so the current position of an
 original head is its rank among the heads still present. Pruning is cumulative and idempotent.
 
-A layer that loses every head keeps its residual path: its self-attention is replaced by
+A layer that loses every head keeps its residual path: its attention block is replaced by
 `ZeroHeadAttention`, which returns an empty context (…, 0); the (now 0-input) output projection turns that
 into its bias, exactly what a zero-head attention computes. The stock 5.x forward cannot run with zero
 heads (`view(..., -1, head_size)` of an empty tensor is ambiguous), hence the replacement.
@@ -22,70 +33,37 @@ heads (`view(..., -1, head_size)` of an empty tensor is ambiguous), hence the re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from diffprune.archs import Arch, Attention, describe, features
 from diffprune.errors import DiffpruneError
+from diffprune.heads.selection import select_heads_to_prune  # noqa: F401  (part of this module's API)
 
 CONFIG_KEY = "diffprune_pruned_heads"
-
-
-@dataclass(frozen=True)
-class HeadArch:
-    """Where one architecture keeps its attention heads (names as in transformers 5.x modelling code).
-
-    Fields:
-        layers: attribute path from `model.base_model` to the ModuleList of transformer layers.
-        attention: path inside a layer to the module owning q/k/v (and whose forward reshapes by head).
-        qkv: names of the query, key and value `nn.Linear`s inside `attention`.
-        out: path inside a layer to the output projection that receives the concatenated heads.
-        heads_attr / hidden_attr: config attributes holding the head count and the hidden size.
-        head_count_attrs: attributes of `attention` to update: name -> "heads" or "width" (heads*head_dim).
-        empty: path inside a layer replaced by `ZeroHeadAttention` when no head is left.
-        empty_keeps: submodules of `empty` carried over into the replacement (DistilBERT's out_lin lives
-            inside its attention module; BERT's output projection sits outside `attention.self`).
-    """
-
-    layers: str
-    attention: str
-    qkv: tuple[str, str, str]
-    out: str
-    heads_attr: str
-    hidden_attr: str
-    head_count_attrs: dict[str, str]
-    empty: str
-    empty_keeps: tuple[str, ...] = ()
-
-
-_BERT_LIKE = HeadArch(layers="encoder.layer", attention="attention.self", qkv=("query", "key", "value"),
-                      out="attention.output.dense", heads_attr="num_attention_heads",
-                      hidden_attr="hidden_size",
-                      head_count_attrs={"num_attention_heads": "heads", "all_head_size": "width"},
-                      empty="attention.self")
-ARCHS: dict[str, HeadArch] = {
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "distilbert": HeadArch(layers="transformer.layer", attention="attention", qkv=("q_lin", "k_lin", "v_lin"),
-                           out="attention.out_lin", heads_attr="n_heads", hidden_attr="dim",
-                           head_count_attrs={"n_heads": "heads"}, empty="attention", empty_keeps=("out_lin",)),
-}
+# attributes of attention modules that hold the head count / the concatenated heads' width (transformers 5.x)
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
 
 
 class ZeroHeadAttention(nn.Module):
     """Stand-in for a self-attention block whose heads were all pruned.
 
     Returns the context a zero-head attention produces, a (…, 0) tensor, plus no attention weights; when
-    the block also owned the output projection (DistilBERT) that projection is applied here, giving its
-    bias at every position. Keeping the submodule names keeps state-dict keys stable across save / load.
+    the block also owned the output projection (DistilBERT, Llama, BART, GPT-2) that projection is applied
+    here, giving its bias at every position. Keeping the submodule names keeps state-dict keys stable
+    across save / load. `out_path` (the output projection, relative to the layer) and `head_dim` let
+    `archs.describe` still find the layer's attention.
     """
+    diffprune_empty_attention = True
 
-    def __init__(self, keep: Mapping[str, nn.Module] | None = None):
+    def __init__(self, keep: Mapping[str, nn.Module] | None = None, out_path: str = "", head_dim: int = 0):
         super().__init__()
         self.num_heads = 0
+        self.out_path, self.head_dim = out_path, head_dim
         self.out_name = None
         for name, module in (keep or {}).items():
             self.add_module(name, module)
@@ -94,7 +72,11 @@ class ZeroHeadAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)  # (B, T, 0)
         if self.out_name is not None:
-            context = getattr(self, self.out_name)(context)  # (B, T, hidden): the bias
+            out = getattr(self, self.out_name)
+            if isinstance(out, nn.Linear):
+                context = out(context)  # (B, T, hidden): the bias
+            else:  # GPT-2's Conv1D cannot take a 0-wide input (its view(-1, 0) is ambiguous)
+                context = out.bias.expand(*hidden_states.shape[:-1], out.bias.shape[0])
         return context, None
 
 
@@ -102,44 +84,63 @@ class ZeroHeadAttention(nn.Module):
 # Introspection shared with importance.py
 
 
-def get_arch(model: nn.Module) -> HeadArch:
-    """The HeadArch of `model` (by `config.model_type`); a DiffpruneError names the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHS:
-        raise DiffpruneError(f"attention-head importance and pruning support {', '.join(sorted(ARCHS))} models; "
-                             f"this model is '{model_type}'")
-    return ARCHS[model_type]
+def get_arch(model: nn.Module) -> Arch:
+    """The layout of `model` for head importance and pruning (DiffpruneError where heads cannot be pruned).
+
+    Every layer must have a self-attention block and the same number of heads (scores form one
+    (layers, heads) matrix).
+    """
+    arch = describe(model)
+    if arch.no_head_pruning:
+        raise DiffpruneError(f"attention-head importance and pruning do not support {arch.model_type}: "
+                             f"{arch.no_head_pruning}")
+    missing = [layer.name for layer in arch.layers if layer.attention is None]
+    if missing:
+        raise DiffpruneError(f"{arch.model_type}: found no self-attention block in {', '.join(missing[:3])}")
+    return arch
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _set(module: nn.Module, path: str, value: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(_get(module, parent) if parent else module, name, value)
+def _self_attentions(model: nn.Module) -> list[Attention]:
+    return [layer.attention for layer in get_arch(model).layers]
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer layers (BertLayer / TransformerBlock …) in order."""
-    return list(_get(model.base_model, get_arch(model).layers))
+    """The transformer layers (BertLayer, LlamaDecoderLayer, …) in order, encoder before decoder."""
+    return [model.get_submodule(layer.name) for layer in get_arch(model).layers]
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Module name of every transformer layer (e.g. `bert.encoder.layer.3`), in the order of the scores."""
+    return [layer.name for layer in get_arch(model).layers]
 
 
 def num_heads(model: nn.Module) -> int:
-    """Heads per layer of the *unpruned* architecture (the config keeps the original count)."""
-    return int(getattr(model.config, get_arch(model).heads_attr))
+    """Query heads per layer of the *unpruned* architecture (the config keeps the original count)."""
+    cfg = model.config
+    counts = {getattr(cfg, f, None) for f in ("num_attention_heads",)} - {None}
+    if not counts:
+        counts = {a.num_heads for a in _self_attentions(model)}
+    stacks = {getattr(cfg, f"{s}_attention_heads", None) for s in ("encoder", "decoder")} - {None}
+    if len(stacks) > 1:
+        raise DiffpruneError(f"head importance and pruning need the same head count in every layer; this "
+                             f"model's encoder and decoder have {sorted(stacks)}")
+    return int(next(iter(counts)))
 
 
 def head_size(model: nn.Module) -> int:
-    arch = get_arch(model)
-    return int(getattr(model.config, arch.hidden_attr)) // num_heads(model)
+    return int(_self_attentions(model)[0].head_dim)
 
 
-def out_projection(model: nn.Module, layer: int) -> nn.Linear:
-    """The linear layer that receives layer `layer`'s concatenated head outputs (…, heads*head_dim)."""
-    return _get(transformer_layers(model)[layer], get_arch(model).out)
+def group_size(model: nn.Module) -> int:
+    """Query heads per key/value head (grouped-query attention; 1 otherwise), from the config."""
+    cfg = model.config
+    kv = getattr(cfg, "num_key_value_heads", None)
+    return num_heads(model) // kv if isinstance(kv, int) and kv > 0 else 1
+
+
+def out_projection(model: nn.Module, layer: int) -> nn.Module:
+    """The projection that receives layer `layer`'s concatenated head outputs (…, heads*head_dim)."""
+    return model.get_submodule(_self_attentions(model)[layer].out)
 
 
 def pruned_heads_of(config) -> dict[int, list[int]]:
@@ -159,39 +160,47 @@ def remaining_heads(model: nn.Module) -> list[list[int]]:
 def current_head_counts(model: nn.Module) -> list[int]:
     """Heads each layer actually holds now, read from the output projections' weight shapes."""
     d = head_size(model)
-    return [out_projection(model, layer).in_features // d for layer in range(len(transformer_layers(model)))]
+    return [features(model.get_submodule(a.out))[0] // d for a in _self_attentions(model)]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Surgery
 
 
-def _check_linear(module, name: str) -> nn.Linear:
+def _check_plain(module, name: str) -> nn.Module:
     # PEFT's LoRA layers wrap the Linear; slicing the base weight alone would leave A/B mismatched.
-    if type(module) is not nn.Linear:
+    from transformers.pytorch_utils import Conv1D
+
+    if type(module) not in (nn.Linear, Conv1D):
         raise DiffpruneError(f"cannot prune heads: '{name}' is a {type(module).__name__}, not a plain Linear "
                              "(prune heads before adding adapters such as LoRA)")
     return module
 
 
-def _shrink_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
-    """Keep `index` along weight dim `dim` (0: output rows, 1: input columns), in place.
+def _shrink(proj: nn.Module, index: torch.Tensor, side: str) -> None:
+    """Keep `index` of the projection's outputs (`side="out"`) or inputs (`"in"`), in place.
 
-    In place rather than a new nn.Linear: no wasted initialisation (which also warns for 0-sized
-    weights), and hooks registered on the module keep working.
+    nn.Linear stores (out, in), GPT-2's Conv1D (in, out). In place rather than a new module: no wasted
+    initialisation (which also warns for 0-sized weights), and hooks registered on the module keep working.
     """
-    weight = linear.weight.detach().index_select(dim, index).clone()
-    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    if dim == 0:
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.detach()[index].clone(), requires_grad=linear.bias.requires_grad)
-        linear.out_features = weight.shape[0]
-    else:
-        linear.in_features = weight.shape[1]
+    conv = not isinstance(proj, nn.Linear)
+    dim = (1 if conv else 0) if side == "out" else (0 if conv else 1)
+    weight = proj.weight.detach().index_select(dim, index).clone()
+    proj.weight = nn.Parameter(weight, requires_grad=proj.weight.requires_grad)
+    if side == "out":
+        if proj.bias is not None:
+            proj.bias = nn.Parameter(proj.bias.detach()[index].clone(), requires_grad=proj.bias.requires_grad)
+        if conv:
+            proj.nf = weight.shape[1]
+        else:
+            proj.out_features = weight.shape[0]
+    elif not conv:
+        proj.in_features = weight.shape[1]
 
 
 def _normalize_heads(model: nn.Module, heads: Mapping) -> dict[int, set[int]]:
-    n_layers, n_heads = len(transformer_layers(model)), num_heads(model)
+    """{layer: heads} as ints, checked; with grouped-query attention each head brings its whole group."""
+    n_layers, n_heads, g = len(transformer_layers(model)), num_heads(model), group_size(model)
     out: dict[int, set[int]] = {}
     for layer, hs in dict(heads).items():
         try:
@@ -204,6 +213,7 @@ def _normalize_heads(model: nn.Module, heads: Mapping) -> dict[int, set[int]]:
         bad = sorted(h for h in hs_i if not 0 <= h < n_heads)
         if bad:
             raise DiffpruneError(f"head(s) {bad} of layer {layer_i} do not exist (heads are 0…{n_heads - 1})")
+        hs_i = {h // g * g + j for h in hs_i for j in range(g)}  # the key/value group of every head
         out.setdefault(layer_i, set()).update(hs_i)
     return out
 
@@ -217,40 +227,74 @@ def _check_consistent(model: nn.Module) -> None:
                                  "with diffprune.heads.load_pruned)")
 
 
+def _rows(positions: list[int], d: int, device) -> torch.Tensor:
+    return torch.tensor([p * d + j for p in positions for j in range(d)], dtype=torch.long, device=device)
+
+
+def _prune_block(model: nn.Module, layer_name: str, attn: Attention, keep_pos: list[int], g: int) -> None:
+    """Shrink one self-attention block to the heads at current positions `keep_pos` (query-head order)."""
+    d = attn.head_dim
+    block = model.get_submodule(attn.module)
+    out = model.get_submodule(attn.out)
+    device = out.weight.device
+    q_index = _rows(keep_pos, d, device)
+    kv_index = _rows(sorted({p // g for p in keep_pos}), d, device)
+    if keep_pos:
+        if attn.qkv:  # fused q|k|v: three equal parts (no fused projection with GQA among the families)
+            fused = _check_plain(model.get_submodule(attn.qkv), attn.qkv)
+            width = features(fused)[1] // 3
+            _shrink(fused, torch.cat([q_index + i * width for i in range(3)]), "out")
+        else:
+            q_width = features(model.get_submodule(attn.q))[1]
+            _shrink(_check_plain(model.get_submodule(attn.q), attn.q), q_index, "out")
+            for name in (attn.k, attn.v):
+                _shrink(_check_plain(model.get_submodule(name), name), kv_index, "out")
+            for child_name, child in block.named_children():  # DeBERTa's pos_key_proj / pos_query_proj
+                full = f"{attn.module}.{child_name}"
+                if full not in (attn.q, attn.k, attn.v, attn.out) and type(child) is nn.Linear \
+                        and child.out_features == q_width:
+                    _shrink(child, q_index, "out")
+        _shrink(_check_plain(out, attn.out), q_index, "in")
+        for a in HEAD_COUNT_ATTRS:
+            if isinstance(getattr(block, a, None), int):
+                setattr(block, a, len(keep_pos))
+        for a in WIDTH_ATTRS:
+            if isinstance(getattr(block, a, None), int):
+                setattr(block, a, len(keep_pos) * d)
+        return
+    _shrink(_check_plain(out, attn.out), q_index, "in")
+    rel = attn.module[len(layer_name) + 1:]
+    out_rel = attn.out[len(layer_name) + 1:]
+    keep = {n: c for n, c in block.named_children() if f"{attn.module}.{n}" == attn.out}
+    replacement = ZeroHeadAttention(keep, out_rel, d)
+    parent, _, child = rel.rpartition(".")
+    layer = model.get_submodule(layer_name)
+    setattr(layer.get_submodule(parent) if parent else layer, child, replacement)
+
+
 def prune_heads(model: nn.Module, heads: Mapping[int, list[int]]) -> dict[int, list[int]]:
     """Remove attention heads (original indices, {layer: [heads]}) from `model` in place.
 
     Drops the heads' rows of Q, K, V (weights and biases) and the matching input columns of the output
     projection, updates the attention module's head-count attributes, and records the cumulative set in
     `model.config.diffprune_pruned_heads` so it survives `save_pretrained`. Heads already pruned are
-    ignored. Returns the cumulative record as {layer: sorted heads}.
+    ignored; with grouped-query attention whole key/value groups go (see the module docstring). Returns
+    the cumulative record as {layer: sorted heads}.
     """
     arch = get_arch(model)
     _check_consistent(model)
     wanted = _normalize_heads(model, heads)
     record = pruned_heads_of(model.config)
     present = remaining_heads(model)
-    d = head_size(model)
-    layers = transformer_layers(model)
+    g = group_size(model)
     for layer_i, hs in sorted(wanted.items()):
         drop = hs - set(record.get(layer_i, ()))
         if not drop:
             continue
-        layer = layers[layer_i]
+        layer = arch.layers[layer_i]
         keep_pos = [pos for pos, h in enumerate(present[layer_i]) if h not in drop]  # current positions
-        device = _get(layer, arch.out).weight.device
-        index = torch.tensor([pos * d + j for pos in keep_pos for j in range(d)], dtype=torch.long, device=device)
-        attention = _get(layer, arch.attention)
-        if not isinstance(attention, ZeroHeadAttention):
-            for name in arch.qkv:
-                _shrink_linear(_check_linear(getattr(attention, name), f"{arch.attention}.{name}"), index, 0)
-        _shrink_linear(_check_linear(_get(layer, arch.out), arch.out), index, 1)
-        if keep_pos:
-            for attr, kind in arch.head_count_attrs.items():
-                setattr(attention, attr, len(keep_pos) * (d if kind == "width" else 1))
-        elif not isinstance(_get(layer, arch.empty), ZeroHeadAttention):
-            empty = _get(layer, arch.empty)
-            _set(layer, arch.empty, ZeroHeadAttention({k: getattr(empty, k) for k in arch.empty_keeps}))
+        if not getattr(model.get_submodule(layer.attention.module), "diffprune_empty_attention", False):
+            _prune_block(model, layer.name, layer.attention, keep_pos, g)
         record[layer_i] = sorted(set(record.get(layer_i, ())) | drop)
     setattr(model.config, CONFIG_KEY, {str(k): v for k, v in sorted(record.items()) if v})
     return pruned_heads_of(model.config)
@@ -312,9 +356,14 @@ def load_pruned(path, model_class=None, dtype: torch.dtype | None = None) -> nn.
     model = model_class(config) if issubclass(model_class, transformers.PreTrainedModel) \
         else model_class.from_config(config)
     reapply_pruning(model)
-    result = model.load_state_dict(_read_state_dict(path), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        missing, unexpected = result.missing_keys[:3], result.unexpected_keys[:3]
+    state = _read_state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    # tied weights (BART's / T5's shared token embedding, tied decoder embeddings) are saved once
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [k for k in result.missing_keys if k not in params or id(params[k]) not in loaded]
+    if missing or result.unexpected_keys:
+        missing, unexpected = missing[:3], result.unexpected_keys[:3]
         raise DiffpruneError(f"weights in {path} do not fit the pruned model (missing {missing}, "
                              f"unexpected {unexpected}); was it saved by a different diffprune version?")
     if dtype is not None:
@@ -322,49 +371,10 @@ def load_pruned(path, model_class=None, dtype: torch.dtype | None = None) -> nn.
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Selection
-
-
-def select_heads_to_prune(scores: torch.Tensor, count: int | None = None, fraction: float | None = None,
-                          threshold: float | None = None) -> dict[int, list[int]]:
-    """The least important heads of a (layers, heads) score map, as {layer: sorted heads}.
-
-    Give exactly one of: `count` heads, a `fraction` of all heads (rounded to the nearest count), or every
-    head scoring strictly below `threshold`. NaN scores (heads already pruned) are never selected; ties
-    are broken by (layer, head) order so the choice is deterministic.
-    """
-    given = [name for name, v in (("count", count), ("fraction", fraction), ("threshold", threshold)) if v is not None]
-    if len(given) != 1:
-        raise DiffpruneError("select heads to prune by exactly one of count, fraction or threshold "
-                             f"(got {', '.join(given) or 'none'})")
-    scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
-    if scores.dim() != 2:
-        raise DiffpruneError(f"head scores must be a (layers, heads) matrix, got shape {tuple(scores.shape)}")
-    flat = scores.flatten()
-    valid = torch.nonzero(~torch.isnan(flat)).flatten()
-    order = valid[torch.argsort(flat[valid], stable=True)]  # least important first
-    if count is not None:
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(valid):
-            raise DiffpruneError(f"count must be an integer from 0 to {len(valid)} (the prunable heads), got {count!r}")
-        chosen = order[:count]
-    elif fraction is not None:
-        if not 0.0 <= float(fraction) <= 1.0:
-            raise DiffpruneError(f"fraction must be between 0 and 1, got {fraction!r}")
-        chosen = order[:int(round(float(fraction) * len(valid)))]
-    else:
-        chosen = order[flat[order] < float(threshold)]
-    n_heads = scores.shape[1]
-    out: dict[int, list[int]] = {}
-    for i in sorted(chosen.tolist()):
-        out.setdefault(i // n_heads, []).append(i % n_heads)
-    return out
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ARCHS", "CONFIG_KEY", "HeadArch", "ZeroHeadAttention", "get_arch", "transformer_layers", "num_heads",
+__all__ = ["CONFIG_KEY", "ZeroHeadAttention", "get_arch", "transformer_layers", "layer_names", "num_heads",
            "head_size", "out_projection", "pruned_heads_of", "remaining_heads", "current_head_counts",
            "prune_heads", "reapply_pruning", "load_pruned", "select_heads_to_prune", "count_parameters"]

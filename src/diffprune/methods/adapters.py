@@ -9,7 +9,12 @@ head; everything else stays frozen (METHODS.md, "Bottleneck adapters").
   LayerNorm that follow each of them.
 * `adapter-pfeiffer`: one adapter per layer, on the output of the feed-forward output projection.
 
-How they are inserted. A forward hook on the projection (`nn.Linear`) replaces its output y with
+Where: `diffprune.archs` finds each layer's attention output projection and feed-forward output projection
+(BERT's `attention.output.dense` / `output.dense`, GPT-2's `attn.c_proj` / `mlp.c_proj`, Llama's `o_proj` /
+`down_proj`, T5's `o` / `wo`, …), so every family with a discoverable layout gets adapters, encoder and
+decoder layers alike; an encoder-decoder's cross-attention gets none (the papers adapt encoders).
+
+How they are inserted. A forward hook on the projection (`nn.Linear`, or GPT-2's Conv1D) replaces its output y with
 `adapter(y)`, and the adapter is registered as a child of that projection under the name `adapter`. So the
 base model's parameter names do not change (wrapping the projection in a new module would rename
 `...output.dense.weight` to `...output.dense.<inner>.weight` and break fingerprinting and loading by base
@@ -46,21 +51,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..archs import HOW_TO_OVERRIDE, describe, features, is_norm
 from ..errors import DiffpruneError, unknown_name
 from ..storage import TaskDiff
 from .base import Method, MethodConfig, ParamGroup, PhaseSpec, register
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
-# Where adapters go, per `config.model_type`: the list of transformer layers (relative to the model's
-# `base_model`) and, inside one layer, the projection whose output each adapter site rewrites. Checked
-# against transformers 5.x: BertSelfOutput/BertOutput (RoBERTa's are copies) and DistilBERT's
-# TransformerBlock (attention.out_lin, ffn.lin2).
-ARCHITECTURES: dict[str, dict[str, str]] = {
-    "bert": {"layers": "encoder.layer", "attention": "attention.output.dense", "ffn": "output.dense"},
-    "roberta": {"layers": "encoder.layer", "attention": "attention.output.dense", "ffn": "output.dense"},
-    "distilbert": {"layers": "transformer.layer", "attention": "attention.out_lin", "ffn": "ffn.lin2"},
-}
 ADAPTER_ATTR = "adapter"  # the child name of the adapter on the hooked projection
 
 
@@ -127,29 +124,21 @@ class PfeifferConfig(AdapterConfig):
     activation: str = "relu"  # Pfeiffer et al. / the adapters library's Pfeiffer config use ReLU
 
 
-def adapter_sites(model: nn.Module, sites: tuple[str, ...], method: str) -> list[tuple[str, nn.Linear]]:
-    """(full name, projection) for every place an adapter goes, in layer order (DiffpruneError if unsupported)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise DiffpruneError(f"{method} supports the architectures {', '.join(sorted(ARCHITECTURES))}; this "
-                             f"model is {model_type or type(model).__name__!r}")
-    arch = ARCHITECTURES[model_type]
-    base = getattr(model, "base_model", model)
-    prefix = next((n + "." for n, m in model.named_modules() if m is base and n), "")
-    try:
-        layers = base.get_submodule(arch["layers"])
-        found = []
-        for i, layer in enumerate(layers):
-            for site in sites:
-                proj = layer.get_submodule(arch[site])
-                if not isinstance(proj, nn.Linear):
-                    raise AttributeError(f"{arch[site]} is a {type(proj).__name__}, not nn.Linear")
-                found.append((f"{prefix}{arch['layers']}.{i}.{arch[site]}", proj))
-    except AttributeError as exc:
-        raise DiffpruneError(f"{method}: this {model_type} model does not have the module layout the adapters "
-                             f"expect ({exc}); was it built by another transformers version?") from exc
-    if not found:
-        raise DiffpruneError(f"{method}: the model has no transformer layers under {arch['layers']}")
+def adapter_sites(model: nn.Module, sites: tuple[str, ...], method: str) -> list[tuple[str, nn.Module]]:
+    """(full name, projection) for every place an adapter goes, in layer order (from `archs.describe`).
+
+    Site "attention" is the self-attention's output projection, "ffn" the feed-forward output projection.
+    """
+    arch = describe(model)
+    found = []
+    for layer in arch.layers:
+        for site in sites:
+            name = layer.attention.out if site == "attention" and layer.attention else \
+                layer.ffn_out if site == "ffn" else None
+            if name is None:
+                raise DiffpruneError(f"{method}: found no {'attention' if site == 'attention' else 'feed-forward'} "
+                                     f"output projection in {layer.name}; {HOW_TO_OVERRIDE}")
+            found.append((name, model.get_submodule(name)))
     return found
 
 
@@ -164,7 +153,7 @@ class BottleneckAdapters(Method):
         type(self).attach(model, config.to_dict())
         head = set(self.head_names)
         adapters = {id(p) for m in model.modules() if isinstance(m, Bottleneck) for p in m.parameters()}
-        norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+        norms = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters()}
         named = list(model.named_parameters())
         self.adapter_names = [n for n, p in named if id(p) in adapters]
         self.layernorm_names = ([n for n, p in named if id(p) in norms and n not in head]
@@ -188,7 +177,7 @@ class BottleneckAdapters(Method):
             raise DiffpruneError(f"{cls.name}: the model already carries other bottleneck adapters "
                                  f"({len(present)} modules); attach to a freshly loaded base model")
         for _, proj in sites:
-            adapter = Bottleneck(proj.out_features, cfg.bottleneck, cfg.activation, cfg.init_std)
+            adapter = Bottleneck(features(proj)[1], cfg.bottleneck, cfg.activation, cfg.init_std)
             adapter.to(device=proj.weight.device, dtype=proj.weight.dtype)
             proj.add_module(ADAPTER_ATTR, adapter)
             proj.register_forward_hook(_apply_adapter)

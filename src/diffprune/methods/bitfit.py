@@ -33,7 +33,9 @@ class BitFit(FullFinetune):
         head = set(self.head_names)
         self.bias_names = [n for n, _ in model.named_parameters() if n.endswith(".bias") and n not in head]
         if not self.bias_names:
-            raise DiffpruneError("bitfit: the model has no bias parameters outside the task head")
+            raise DiffpruneError(f"bitfit: the model has no bias parameters outside the task head, so BitFit has "
+                                 f"nothing to train ({getattr(model.config, 'model_type', 'this family')} is built "
+                                 "without biases, as Llama, ModernBERT and T5 are); use lora or diff-pruning")
 
     def trainable_names(self) -> list[str]:
         return self.bias_names + self.head_names

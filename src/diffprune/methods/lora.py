@@ -13,7 +13,9 @@ LayerNorm (Prune-LoRA trains them) train; everything else is frozen. The stored 
 densely; `config["fingerprint_base"]` lists every frozen base tensor, since the low-rank update is only
 meaningful on the weights it was trained beside.
 
-Defaults follow METHODS.md, the paper and its reference code: q, k, v and the attention output projection,
+Defaults follow METHODS.md, the paper and its reference code: q, k, v and the attention output projection
+of every attention block `diffprune.archs` finds (self- and cross-attention; GPT-2's and ModernBERT's fused
+q|k|v projection counts as q, k and v), named in full, so any family with a discoverable layout works,
 A Gaussian and B zero (so the model starts as the pretrained one), r 8, α 16, lr 5e-4. `rank_pattern` /
 `alpha_pattern` give single layers another rank or α (PEFT's keys: a module-name suffix or regex, e.g.
 ``{"layer\\.3\\..*": 8}``); Prune-LoRA's rank-varied LoRA is exactly that.
@@ -30,20 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..archs import HOW_TO_OVERRIDE, describe, is_norm, task_head_names
 from ..errors import DiffpruneError
-from ..models import HEAD_MODULES
 from ..storage import TaskDiff
 from .base import Method, MethodConfig, ParamGroup, PhaseSpec, register
 
-# Per architecture (`config.model_type`): PEFT target patterns for q, k, v and the attention output
-# projection. A list entry matches a module whose name equals it or ends with "." + it, so
-# "attention.output.dense" leaves BERT's feed-forward `output.dense` alone and "attn.c_proj" GPT-2's `mlp.c_proj`.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "key", "value", "attention.output.dense"],
-    "roberta": ["query", "key", "value", "attention.output.dense"],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
-    "gpt2": ["attn.c_attn", "attn.c_proj"],  # c_attn is q, k and v in one (in → 3·in) Conv1D
-}
 INITS = {"gaussian": "gaussian", "kaiming": True}  # our name → PEFT's `init_lora_weights`
 _LORA = "lora_"  # PEFT's prefix of every LoRA parameter/module (`LoraModel.prefix`)
 
@@ -96,15 +89,23 @@ def _check_rank(what: str, value: Any) -> None:
 # --------------------------------------------------------------------------------------------- PEFT glue
 
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
-    """The explicit `targets`, or the q, k, v, o patterns of `model`'s architecture."""
+    """The explicit `targets`, or the full names of q, k, v, o of every attention block (`archs.describe`).
+
+    PEFT matches a list entry against a module name that equals it or ends with "." + it, so full names
+    adapt exactly those modules (never BERT's feed-forward `output.dense` or GPT-2's `mlp.c_proj`). Layers
+    that head pruning emptied have no q/k/v left; their zero-width output projection is skipped.
+    """
     if targets:
         return list(targets)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise DiffpruneError(f"lora: no default target modules for architecture {model_type!r} (known: "
-                             f"{', '.join(sorted(DEFAULT_TARGETS))}); pass targets explicitly, e.g. "
-                             "--set targets=query,value")
-    return DEFAULT_TARGETS[model_type]
+    try:
+        arch = describe(model)
+    except DiffpruneError as exc:
+        raise DiffpruneError(f"lora: no default target modules ({exc}); or pass targets explicitly, e.g. "
+                             "--set targets=query,value") from exc
+    names = [n for a in arch.attentions() for n in a.projections]
+    if not names:  # pragma: no cover - describe() refuses a model without attention
+        raise DiffpruneError(f"lora: found no attention projections; {HOW_TO_OVERRIDE}")
+    return names
 
 
 def peft_config(model: nn.Module, config: LoRAConfig):
@@ -120,7 +121,8 @@ def peft_config(model: nn.Module, config: LoRAConfig):
                if name and check_target_module_exists(probe, name) is True}  # PEFT's own name matching
     if not matched:
         raise DiffpruneError(f"lora: targets {targets} match no module of the model")
-    in_head = sorted(n for n in matched if n.split(".")[0] in HEAD_MODULES)
+    head_modules = {n.rpartition(".")[0] for n in task_head_names(model)}
+    in_head = sorted(n for n in matched if n in head_modules)
     if in_head:  # the head trains densely and is stored whole; adapting it would also rename its weights
         raise DiffpruneError(f"lora: targets {targets} match task-head module(s) {', '.join(in_head)}; "
                              "make the patterns specific to the encoder (e.g. 'attention.output.dense')")
@@ -151,10 +153,11 @@ def is_lora_param(name: str) -> bool:
 
 
 def layernorm_names(model: nn.Module, exclude: set[str]) -> list[str]:
-    """Parameters of every nn.LayerNorm of `model` (BERT's `LayerNorm`, GPT-2's `ln_1`, …) not in `exclude`."""
+    """Parameters of every LayerNorm / RMSNorm of `model` (BERT's `LayerNorm`, GPT-2's `ln_1`, Llama's
+    `input_layernorm`, …; `archs.is_norm`) not in `exclude`."""
     names = []
     for mod_name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm):
+        if is_norm(module):
             names += [f"{mod_name}.{p}" for p, _ in module.named_parameters(recurse=False)]
     return [n for n in names if n not in exclude]
 

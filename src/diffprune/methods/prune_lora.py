@@ -46,7 +46,8 @@ from torch import nn
 
 from ..errors import DiffpruneError
 from ..heads.importance import head_importance
-from ..heads.surgery import get_arch, prune_heads, pruned_heads_of, select_heads_to_prune, transformer_layers
+from ..heads.surgery import (get_arch, group_size, prune_heads, pruned_heads_of, select_heads_to_prune,
+                             transformer_layers)
 from ..storage import TaskDiff
 from .base import Method, MethodConfig, PhaseSpec, register
 from .lora import LoRA, LoRAConfig, _check_rank, is_lora_param, lora_layers, peft_config
@@ -244,7 +245,7 @@ class _PrunedMethod(Method):
 
     def __init__(self, config: HeadPruneOptions, model: nn.Module, head_names: list[str]):
         super().__init__(config, model, head_names)
-        get_arch(model)  # bert / roberta / distilbert only: fail before any data is touched
+        get_arch(model)  # a family whose heads cannot be pruned (T5) fails before any data is touched
         self.inner: Method | None = None
         self.scores: torch.Tensor | None = None  # (layers, heads), before pruning
         self.pruned: dict[int, list[int]] = {}
@@ -262,7 +263,9 @@ class _PrunedMethod(Method):
         start = time.perf_counter()
         batches = importance_batches(train_dataset, collate, c.importance_examples, c.importance_batch_size)
         self.scores = head_importance(self.model, batches)  # eval mode, no weight gradients
-        self.pruned = prune_heads(self.model, select_heads_to_prune(self.scores, **c.selection()))
+        # grouped-query attention: whole key/value groups are chosen (see select_heads_to_prune)
+        selection = select_heads_to_prune(self.scores, **c.selection(), group=group_size(self.model))
+        self.pruned = prune_heads(self.model, selection)
         # reported with the phase's training figures in metrics.json (the seed calls this step negligible)
         self.phase_stats = {"finetune": {"importance_seconds": round(time.perf_counter() - start, 2),
                                          "pruned_heads": sum(map(len, self.pruned.values()))}}

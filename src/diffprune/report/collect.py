@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import DiffpruneError
+from ..archs import group_order, two_stacks  # noqa: F401  (group_order: tables.py takes it from here)
 from ..storage import TaskDiff, diff_stats, layer_group, load_diff
 
 DP_VARIANTS = ("diff-pruning-structured", "diff-pruning")  # preference order where one must be picked
@@ -28,14 +29,6 @@ def fmt_sparsity(t: float | None) -> str:
     """0.0025 → "0.25%"; None (dense) → "dense"."""
     return "dense" if t is None else f"{100 * t:g}%"
 
-
-def group_order(group: str) -> tuple:
-    """Embeddings, layer.0 … layer.N, other, head: the order of `layer_group`'s groups in a network."""
-    if group == "embeddings":
-        return (0, 0)
-    if group.startswith("layer."):
-        return (1, int(group[6:]))
-    return (2, 0) if group == "other" else (3, 0)
 
 
 def group_kind(name: str) -> str:
@@ -155,8 +148,10 @@ class Run:
     def group_numel(self) -> dict[str, int]:
         """Diff-pruned parameters per layer group (from diff_tensors; empty when not recorded)."""
         out: dict[str, int] = {}
+        stacks = two_stacks(self.diff_tensors or {})
         for name, numel in (self.diff_tensors or {}).items():
-            out[layer_group(name)] = out.get(layer_group(name), 0) + numel
+            group = layer_group(name, stacks)
+            out[group] = out.get(group, 0) + numel
         return out
 
 

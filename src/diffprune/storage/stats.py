@@ -3,44 +3,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from pathlib import Path
 
+from ..archs import group_order, layer_group, two_stacks
 from .format import CONFIG_FILE, TENSOR_FILE, TaskDiff, index_dtype
-
-_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h)\.(\d+)(?:\.|$)")
-_HEAD_PARTS = {"classifier", "pre_classifier", "score", "qa_outputs", "lm_head", "cls"}
-_EMBED_PARTS = {"wte", "wpe"}  # GPT-2 names its embeddings without the word
-
-
-def layer_group(name: str) -> str:
-    """Group a parameter name: "embeddings", "layer.N", "head" (task head) or "other" (pooler, final norm)."""
-    match = _LAYER.search(name)
-    if match:
-        return f"layer.{int(match.group(1))}"
-    parts = name.split(".")
-    if any(p.startswith("embed") or p in _EMBED_PARTS for p in parts):
-        return "embeddings"
-    if any(p in _HEAD_PARTS for p in parts):
-        return "head"
-    return "other"
-
-
-def _group_order(group: str) -> tuple:
-    if group == "embeddings":
-        return (0, 0)
-    if group.startswith("layer."):
-        return (1, int(group[6:]))
-    return (2, 0) if group == "other" else (3, 0)
 
 
 def _by_group(counts: dict[str, int]) -> dict[str, int]:
+    """Counts per layer group (`archs.layer_group`); an encoder-decoder's two stacks are kept apart."""
+    stacks = two_stacks(counts)
     out: dict[str, int] = {}
     for name, n in counts.items():
-        group = layer_group(name)
+        group = layer_group(name, stacks)
         out[group] = out.get(group, 0) + n
-    return dict(sorted(out.items(), key=lambda kv: _group_order(kv[0])))
+    return dict(sorted(out.items(), key=lambda kv: group_order(kv[0])))
 
 
 def diff_stats(diff: TaskDiff, directory: str | os.PathLike | None = None) -> dict:

@@ -5,6 +5,9 @@ plain floats on their natural scale ([0, 1] for accuracy and F1, [-1, 1] for cor
 Every metric here is higher-is-better (`METRICS[name].higher_is_better`), so "best" is always `max`.
 
 Conventions (GLUE's, via scikit-learn / scipy):
+  - predictions may be any model output the Trainer gathers: a tuple or list (a seq2seq classifier such as
+    BART or T5 returns (logits, encoder hidden state)), a dict / ModelOutput with "logits", or the logits
+    alone; the logits are the first element (transformers puts them first in every output);
   - classification predictions are logits (N, C) and are argmaxed; 1-D integer arrays are taken as class
     indices already;
   - "f1" is binary F1 with class index 1 as the positive class (MRPC, QQP);
@@ -62,9 +65,18 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def logits_of(predictions):
+    """The logits in a model output: itself, its "logits" entry, or the first array of a tuple / list."""
+    if hasattr(predictions, "keys") and "logits" in predictions.keys():
+        return predictions["logits"]
+    if isinstance(predictions, (tuple, list)) and predictions and getattr(predictions[0], "ndim", 0) >= 1:
+        return predictions[0]  # (logits, encoder hidden state, ...); a plain list of labels stays as it is
+    return predictions
+
+
 def predictions_to_labels(spec, predictions) -> np.ndarray:
     """Class indices (classification) or float scores (regression) from raw model outputs."""
-    pred = _to_numpy(predictions)
+    pred = _to_numpy(logits_of(predictions))
     if spec.is_regression:
         if pred.ndim == 2 and pred.shape[1] == 1:
             pred = pred[:, 0]
@@ -101,4 +113,4 @@ def compute_metrics(spec, predictions, labels) -> dict[str, float]:
     return out
 
 
-__all__ = ["Metric", "METRICS", "compute_metrics", "predictions_to_labels"]
+__all__ = ["Metric", "METRICS", "compute_metrics", "logits_of", "predictions_to_labels"]
