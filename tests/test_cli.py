@@ -240,3 +240,30 @@ def test_the_target_mode_steers_the_gates_after_each_step_and_records_the_densit
         assert (r["gate_shift"] == 0.0) == ((r["step"] - 1) / 12 < 0.25)
     train = json.loads((out / "metrics.json").read_text())["phases"]["l0"]["train"]
     assert 0.0 <= train["nonzero_frac"] <= 1.0 and "expected_l0_frac" in train
+
+
+def test_a_crash_in_evaluation_loses_no_training(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """Each phase is saved before it is evaluated: when evaluation fails, --resume evaluates again
+    without retraining, and the run ends with the same diff as one that never failed."""
+    import diffprune.train.pipeline as pipeline
+
+    plain = tmp_path / "plain"
+    assert main(train_args(tiny_model_dir, data_dir, plain, "--sparsity", "0.02")) == 0
+    real, calls = pipeline.evaluate, []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the fixed-mask phase's evaluation
+            raise RuntimeError("evaluation failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate", fail_once)
+    out = tmp_path / "crash"
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        main(train_args(tiny_model_dir, data_dir, out, "--sparsity", "0.02"))
+    assert (out / "phases" / "fixed_mask" / "snapshot").is_dir() and not (out / "metrics.json").exists()
+    steps = len((out / "log.jsonl").read_text().splitlines())
+    assert main(train_args(tiny_model_dir, data_dir, out, "--sparsity", "0.02", "--resume")) == 0
+    assert len((out / "log.jsonl").read_text().splitlines()) == steps  # nothing trained again
+    a = (plain / "diff" / "diff.safetensors").read_bytes()
+    assert a == (out / "diff" / "diff.safetensors").read_bytes()

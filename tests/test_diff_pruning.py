@@ -247,7 +247,7 @@ def test_from_l0_projects_a_kept_l0_state_to_another_sparsity(tmp_path, structur
     head_name = head[0]
     assert torch.equal(follower.model.get_parameter(head_name), state["head." + head_name])
     with pytest.raises(DiffpruneError, match="keep_l0_state"):
-        cls(make_config(cls, dict(from_l0=str(tmp_path / "nothing"))), make_tiny("bert"), head).prepare(None, None)
+        cls(make_config(cls, dict(from_l0=str(tmp_path / "nothing"))), make_tiny("bert"), head)
 
 
 def test_gate_gradients_stay_out_of_gradient_clipping(tmp_path):

@@ -125,6 +125,9 @@ class DiffPruning(FixedMaskMixin, Method):
         super().__init__(config, model, head_names)
         if config.from_l0:  # the L0 phase was another run's: this one projects it and finetunes the mask
             self.phases = ("fixed_mask",)
+            if not self._l0_state_path().is_file():  # checked here, before the run writes anything
+                raise DiffpruneError(f"from_l0: {self._l0_state_path()} does not exist; train that run with "
+                                     "keep_l0_state=true first")
         self.names = select_parameters(model, head_names, config.include, config.exclude)
         self.layout = layout_for(model, self.names)
         self.delta_model: DeltaModel | None = None
@@ -202,9 +205,7 @@ class DiffPruning(FixedMaskMixin, Method):
         """With `from_l0`: load that run's L0 state and project it to this run's sparsity (no L0 phase here)."""
         if not self.config.from_l0:
             return
-        path = Path(self.config.from_l0) / "phases" / "l0" / L0_STATE_FILE
-        if not path.is_file():
-            raise DiffpruneError(f"from_l0: {path} does not exist; train that run with keep_l0_state=true first")
+        path = self._l0_state_path()
         state = safetensors.torch.load_file(str(path))
         source = L0Diff(self.layout, self.config.structured, self.config.alpha_init, self.config.left,
                         self.config.right)
@@ -220,6 +221,9 @@ class DiffPruning(FixedMaskMixin, Method):
                 getattr(source, key).copy_(state[key])
         self.load_head({k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)})
         self._project(source)
+
+    def _l0_state_path(self) -> Path:
+        return Path(self.config.from_l0) / "phases" / "l0" / L0_STATE_FILE
 
     def _project(self, source: L0Diff) -> None:
         generator = torch.Generator().manual_seed(self.config.seed)

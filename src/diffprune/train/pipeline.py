@@ -167,14 +167,27 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
     method.prepare(train_ds, collator(tokenizer))
     base_fingerprint_model = model  # sparse methods hold θ unchanged whenever a snapshot is saved
 
+    def evaluate_phase(train_stats: dict, phase_dir: Path, main: bool) -> dict:
+        """Dev metrics of the phase just finished (or restored), written as its metrics.json."""
+        phase_metrics = evaluate(method.eval_model(), evals, spec, cfg, tokenizer, phase_dir)
+        phase_metrics["train"] = train_stats
+        if main:
+            atomic_write_json(phase_dir / "metrics.json", phase_metrics)
+            shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
+        return phase_metrics
+
     metrics: dict[str, Any] = {"task": spec.name, "method": cfg.method, "model": cfg.model, "phases": {}}
     for phase in method.phases:
         phase_dir = out / "phases" / phase
-        done = phase_dir / "metrics.json"
-        if cfg.resume and done.exists() and (phase_dir / "snapshot").exists():
+        done, train_file = phase_dir / "metrics.json", phase_dir / "train.json"
+        if cfg.resume and (phase_dir / "snapshot").exists() and (done.exists() or train_file.exists()):
             method.restore(load_diff(phase_dir / "snapshot"))
-            metrics["phases"][phase] = json.loads(done.read_text())
-            log.info("phase %s: restored from its snapshot", phase)
+            if done.exists():
+                metrics["phases"][phase] = json.loads(done.read_text())
+                log.info("phase %s: restored from its snapshot", phase)
+                continue
+            # trained and saved, but stopped in its evaluation: evaluate again, nothing to retrain
+            metrics["phases"][phase] = evaluate_phase(json.loads(train_file.read_text()), phase_dir, main)
             continue
         spec_phase = method.build_phase(phase)
         trainer = PhaseTrainer(model=spec_phase.model, args=training_args(cfg, phase_dir, spec_phase.epochs),
@@ -186,19 +199,17 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
         method.end_phase(phase)
-        phase_metrics = evaluate(method.eval_model(), evals, spec, cfg, tokenizer, phase_dir)
-        phase_metrics["train"] = {"seconds": round(seconds, 2), "steps": result.global_step,
-                                  "seconds_per_step": round(seconds / max(1, result.global_step), 4),
-                                  "train_loss": result.training_loss, "peak_rss_mb": round(peak_rss_mb(), 1),
-                                  **getattr(method, "phase_stats", {}).get(phase, {})}
-        metrics["phases"][phase] = phase_metrics
-        if main:
-            save_diff(finish_diff(method.export(), cfg, spec, base_params), phase_dir / "snapshot",
-                      base_fingerprint_model)
+        train_stats = {"seconds": round(seconds, 2), "steps": result.global_step,
+                       "seconds_per_step": round(seconds / max(1, result.global_step), 4),
+                       "train_loss": result.training_loss, "peak_rss_mb": round(peak_rss_mb(), 1),
+                       **getattr(method, "phase_stats", {}).get(phase, {})}
+        if main:  # saved before evaluating, so that a failure in evaluation never loses the trained phase
             for name, tensors in method.saved_files.pop(phase, {}).items():
                 atomic_save_tensors(tensors, phase_dir / name)
-            atomic_write_json(done, phase_metrics)
-            shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
+            atomic_write_json(train_file, train_stats)
+            save_diff(finish_diff(method.export(), cfg, spec, base_params), phase_dir / "snapshot",
+                      base_fingerprint_model)
+        metrics["phases"][phase] = evaluate_phase(train_stats, phase_dir, main)
         # Free the finished phase (its optimizer state; for Diff Pruning w, α and their Adam moments, 6·d
         # floats) before the next one starts, rather than whenever the Trainer's reference cycles are swept.
         del trainer, spec_phase
