@@ -43,7 +43,6 @@ TOP_LAYER = {"bert": "bert.encoder.layer.1.", "roberta": "roberta.encoder.layer.
 ATTENTION_BLOCKS = {"bart": 6, "t5": 6, "albert": 1}  # ALBERT: one shared layer, applied twice
 FUSED_QKV = {"gpt2", "modernbert"}
 HIDDEN, HEADS, HEAD_DIM = 32, 4, 8
-FOLDABLE = {"full", "bitfit", "last-layer", "lora", "diff-pruning", "non-adaptive-diff-pruning", "lt-sft"}
 OPTIONS = {"diff-pruning": {"sparsity": SPARSITY, "l0_epochs": 1.0},
            "non-adaptive-diff-pruning": {"sparsity": SPARSITY}, "lt-sft": {"sparsity": SPARSITY}}
 
@@ -153,7 +152,7 @@ def test_method_contract(name, arch, tmp_path):
     with torch.no_grad():
         assert torch.allclose(fresh.eval()(**batch).logits, expected, atol=1e-6)
 
-    if name in FOLDABLE:
+    if get_method(name).foldable:
         plain = cls.fold(fresh)
         plain.save_pretrained(tmp_path / "merged")
         reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
@@ -162,3 +161,10 @@ def test_method_contract(name, arch, tmp_path):
     elif name.startswith("adapter"):
         with pytest.raises(DiffpruneError):
             cls.fold(fresh)
+
+
+def test_every_method_says_whether_merge_gives_a_plain_model():
+    """`foldable` is declared on each method (the merge tests above read it): adapters are non-linear and
+    head-pruned models need diffprune's loader; everything else folds into plain weights."""
+    folded = {name for name in all_methods() if get_method(name).foldable}
+    assert set(all_methods()) - folded == {"adapter-houlsby", "adapter-pfeiffer", "prune-lora", "head-pruning"}

@@ -77,6 +77,7 @@ class DeltaModel(nn.Module):
 
     # Trainer checks this after loading a checkpoint, which (by design) omits the frozen base weights.
     _keys_to_ignore_on_save = None
+    SOURCE = "source."  # state-dict prefix of the diff's own tensors (checkpoints keep its buffers)
 
     def __init__(self, base: nn.Module, source: L0Diff | FixedMaskDiff, head_names: Iterable[str],
                  gate_used_rows: bool = True):

@@ -1,6 +1,12 @@
-"""Import every built-in method so that each registers itself."""
-from . import diff_pruning, full  # noqa: F401
-from . import bitfit, last_layer, lt_sft, non_adaptive  # noqa: F401
-from . import lora  # noqa: F401
-from . import adapters  # noqa: F401
-from . import head_pruning, prune_lora  # noqa: F401
+"""Import every module of this package, so that each built-in method registers itself (`@register`).
+
+A new method is one new file here with a registered class: nothing else lists it.
+"""
+import importlib
+import pkgutil
+
+_NOT_METHODS = {"base", "sparse", "_load_all"}  # the interface and shared code, no methods of their own
+_package = importlib.import_module(__package__)
+for _info in pkgutil.iter_modules(_package.__path__):
+    if _info.name not in _NOT_METHODS:
+        importlib.import_module(f"{__package__}.{_info.name}")

@@ -147,6 +147,7 @@ class BottleneckAdapters(Method):
     sites: ClassVar[tuple[str, ...]]
     config_class = AdapterConfig
     phases = ("finetune",)
+    foldable = False  # bottleneck adapters are non-linear
 
     def __init__(self, config: AdapterConfig, model: nn.Module, head_names: list[str]):
         super().__init__(config, model, head_names)

@@ -20,7 +20,7 @@ import math
 import types
 import typing
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from torch import Tensor, nn
@@ -60,6 +60,9 @@ class PhaseSpec:
     plan: Callable[[int], None] | None = None
     # called after every optimizer step with the share of the phase's steps done (before that step)
     after_step: Callable[[float], None] | None = None
+    # state-dict prefixes that checkpoints keep besides the trainable parameters: buffers that change
+    # from run to run, such as a fixed mask's positions (the frozen base weights are never saved)
+    checkpoint_prefixes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -162,6 +165,10 @@ class Method(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     phases: tuple[str, ...] = ("finetune",)
+    # whether `fold` gives a plain transformers model that `from_pretrained` loads with the same outputs
+    # (what `merge` writes); False where the additions are non-linear (adapters) or the result needs
+    # diffprune's own loader (head-pruned models)
+    foldable: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig, model: nn.Module, head_names: list[str]):
         self.config = config
@@ -170,6 +177,9 @@ class Method(ABC):
         # Per phase, extra tensor files to write next to the phase's snapshot ({file name: tensors}); a
         # method fills it in `end_phase` (Diff Pruning's kept L0 state).
         self.saved_files: dict[str, dict[str, dict[str, Tensor]]] = {}
+        # Per phase, extra numbers that the pipeline records in that phase's metrics.json under "train"
+        # (e.g. the share of δ nonzero before the projection); filled in `end_phase` or `prepare`.
+        self.phase_stats: dict[str, dict[str, float]] = {}
 
     def prepare(self, train_dataset, collate) -> None:
         """Called once with the tokenized training set (and its collator) before the first phase.

@@ -131,7 +131,6 @@ class DiffPruning(FixedMaskMixin, Method):
         self.names = select_parameters(model, head_names, config.include, config.exclude)
         self.layout = layout_for(model, self.names)
         self.delta_model: DeltaModel | None = None
-        self.phase_stats: dict[str, dict[str, float]] = {}  # per phase, recorded in metrics.json
 
     def build_phase(self, phase: str) -> PhaseSpec:
         c = self.config
@@ -173,8 +172,9 @@ class DiffPruning(FixedMaskMixin, Method):
             self._last = (0.0, 0.0)
             if c.targeted:
                 return PhaseSpec("l0", self.delta_model, groups, c.l0_epochs, stats=stats, plan=plan,
-                                 after_step=after_step)
-            return PhaseSpec("l0", self.delta_model, groups, c.l0_epochs, penalty=penalty, stats=stats)
+                                 after_step=after_step, checkpoint_prefixes=(DeltaModel.SOURCE,))
+            return PhaseSpec("l0", self.delta_model, groups, c.l0_epochs, penalty=penalty, stats=stats,
+                             checkpoint_prefixes=(DeltaModel.SOURCE,))
         if phase == "fixed_mask":
             return self.fixed_mask_phase(c.fixed_lr or FIXED_LR_FACTOR * c.lr, c.epochs)
         raise ValueError(phase)

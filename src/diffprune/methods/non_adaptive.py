@@ -20,7 +20,6 @@ import torch
 
 from ..core.diff_vector import FixedMaskDiff
 from ..core.projection import project_l0
-from ..errors import DiffpruneError
 from ..sparse_model import DeltaModel, layout_for, select_parameters
 from ..storage import TaskDiff
 from .base import Method, MethodConfig, ParamGroup, PhaseSpec, register
@@ -60,7 +59,6 @@ class SparseFromFinetune(FixedMaskMixin, Method):
         self.delta_model: DeltaModel | None = None
         # θ: the pretrained values of the diff-prunable tensors, in their own dtype, restored bit-exactly.
         self.theta = [model.get_parameter(n).detach().clone() for n in self.names]
-        self.phase_stats: dict[str, dict[str, float]] = {}
 
     def build_phase(self, phase: str) -> PhaseSpec:
         c = self.config

@@ -241,6 +241,7 @@ class _PrunedMethod(Method):
     Subclasses say how the inner method is built (`_build_inner`) and how a stored config describes LoRA
     (`_stored_lora`, None when there is none).
     """
+    foldable = False  # a head-pruned model loads only through diffprune.heads.load_pruned
     phases = ("finetune",)
 
     def __init__(self, config: HeadPruneOptions, model: nn.Module, head_names: list[str]):
@@ -250,7 +251,6 @@ class _PrunedMethod(Method):
         self.scores: torch.Tensor | None = None  # (layers, heads), before pruning
         self.pruned: dict[int, list[int]] = {}
         self.layout: dict[str, Any] = {}        # what, besides the config, attach() needs (stored)
-        self.phase_stats: dict[str, dict] = {}  # read by the pipeline into metrics.json
 
     # ----------------------------------------------------------------------------- prepare
     def prepare(self, train_dataset, collate) -> None:

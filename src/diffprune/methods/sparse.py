@@ -31,7 +31,7 @@ class FixedMaskMixin:
     def fixed_mask_phase(self, lr: float, epochs: float, name: str = "fixed_mask") -> PhaseSpec:
         source = self.delta_model.source
         groups = [ParamGroup("diff", [source.values], lr, self.config.weight_decay), self.head_group()]
-        return PhaseSpec(name, self.delta_model, groups, epochs)
+        return PhaseSpec(name, self.delta_model, groups, epochs, checkpoint_prefixes=(DeltaModel.SOURCE,))
 
     def eval_model(self):
         return self.delta_model if self.delta_model is not None else self.model

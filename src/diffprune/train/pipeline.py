@@ -202,7 +202,7 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
         train_stats = {"seconds": round(seconds, 2), "steps": result.global_step,
                        "seconds_per_step": round(seconds / max(1, result.global_step), 4),
                        "train_loss": result.training_loss, "peak_rss_mb": round(peak_rss_mb(), 1),
-                       **getattr(method, "phase_stats", {}).get(phase, {})}
+                       **method.phase_stats.get(phase, {})}
         if main:  # saved before evaluating, so that a failure in evaluation never loses the trained phase
             for name, tensors in method.saved_files.pop(phase, {}).items():
                 atomic_save_tensors(tensors, phase_dir / name)

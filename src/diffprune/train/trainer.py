@@ -140,7 +140,7 @@ class PhaseTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-                 if k in trainable or k.startswith("source.")}
+                 if k in trainable or k.startswith(self.phase.checkpoint_prefixes)}
         atomic_write(os.path.join(output_dir, "model.safetensors"),
                      lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}))
 
