@@ -267,3 +267,22 @@ def test_a_crash_in_evaluation_loses_no_training(tmp_path, tiny_model_dir, data_
     assert len((out / "log.jsonl").read_text().splitlines()) == steps  # nothing trained again
     a = (plain / "diff" / "diff.safetensors").read_bytes()
     assert a == (out / "diff" / "diff.safetensors").read_bytes()
+
+
+def test_an_old_diff_without_a_fingerprint_loads_with_a_warning(tmp_path, tiny_model_dir, data_dir, caplog):
+    """Diffs saved before "fingerprinted" was recorded: a null fingerprint cannot be told from an edited
+    one, so it loads (old files stay usable) but says that the base check is off."""
+    import logging
+
+    from diffprune.storage import load_diff
+
+    out = tmp_path / "old"
+    assert main(train_args(tiny_model_dir, data_dir, out, "--sparsity", "0.02")) == 0
+    config = out / "diff" / "diff_config.json"
+    meta = json.loads(config.read_text())
+    meta["fingerprint"] = None
+    del meta["fingerprinted"]
+    config.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="diffprune"):
+        load_diff(out / "diff")
+    assert any("no base-model fingerprint" in r.getMessage() for r in caplog.records)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -370,6 +371,10 @@ def load_diff(directory: str | os.PathLike) -> TaskDiff:
         raise DiffpruneError(f"{directory / CONFIG_FILE} has \"fingerprint\": null although the diff was saved "
                              "with one: the base-model check cannot be switched off by editing the file "
                              "(pass check_fingerprint=False in Python if you must)")
+    if diff.fingerprint is None and "fingerprinted" not in meta and diff.fingerprint_names():
+        logging.getLogger("diffprune").warning(
+            "%s has no base-model fingerprint (saved before diffprune recorded whether it had one): it is "
+            "applied without checking that the base model is the one it was trained on", directory)
     if diff.fingerprint is not None and not (isinstance(diff.fingerprint, str)
                                              and len(diff.fingerprint) == 64):
         raise DiffpruneError(f"{directory / CONFIG_FILE}: fingerprint {diff.fingerprint!r} is not a sha256 hex")
