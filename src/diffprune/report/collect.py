@@ -163,8 +163,9 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _is_run(directory: Path) -> bool:
-    path = directory / "metrics.json"
+def is_finished_run(directory: Path) -> bool:
+    """Whether `directory` is a finished run: a metrics.json with its phases and final results."""
+    path = Path(directory) / "metrics.json"
     if not path.is_file():
         return False
     metrics = _read_json(path)
@@ -189,7 +190,7 @@ def find_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
             raise DiffpruneError(f"{root} is not a directory (give run directories or folders that hold runs)")
         for current, dirs, _files in os.walk(root):
             here = Path(current)
-            if _is_run(here):
+            if is_finished_run(here):
                 found.setdefault(here.resolve(), load_run(here))
                 dirs[:] = []  # a run's own sub-folders (phases/, diff/) hold no further runs
                 continue
