@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = train(output_dir=str(out / "run"), task=spec.name, model=args.model, method="diff-pruning",
                         spec=spec, overwrite=True, max_length=32, logging_steps=10,
                         method_options=dict(structured=True, sparsity=args.sparsity, l0_epochs=args.epochs,
-                                            epochs=args.epochs, lr=5e-4, head_lr=1e-3))
+                                            epochs=args.epochs, lr=5e-4, head_lr=1e-3, fixed_lr=5e-4))
     except DiffpruneError as exc:
         print(f"diffprune: error: {exc}", file=sys.stderr)
         return 2
