@@ -15,11 +15,11 @@ from ..errors import DiffpruneError
 from .base import Method, MethodConfig, register
 from .full import FullFinetune
 from .lora import LoRA, LoRAConfig
-from .prune_lora import FINETUNE_MODES, _LoRAOptions, _PrunedMethod, adaptable_modules
+from .prune_lora import FINETUNE_MODES, LoRAOptions, PrunedMethod, adaptable_modules
 
 
 @dataclass
-class HeadPruningConfig(_LoRAOptions):
+class HeadPruningConfig(LoRAOptions):
     finetune: str = "full"  # after pruning: "full" (every remaining parameter) or "lora" (uniform rank)
     # None: the default of the matching unpruned method, so head-pruning is exactly its ablation:
     # full 5e-5 / 0.0 (full.py), lora 5e-4 / 0.1 (lora.py)
@@ -43,7 +43,7 @@ class HeadPruningConfig(_LoRAOptions):
 
 
 @register
-class HeadPruning(_PrunedMethod):
+class HeadPruning(PrunedMethod):
     """Importance-oriented head pruning, then full finetuning or uniform-rank LoRA."""
     name = "head-pruning"
     config_class = HeadPruningConfig

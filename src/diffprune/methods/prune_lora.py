@@ -96,7 +96,7 @@ class HeadPruneOptions(MethodConfig):
 
 
 @dataclass
-class _LoRAOptions(HeadPruneOptions):
+class LoRAOptions(HeadPruneOptions):
     """LoRA fields shared by prune-lora and head-pruning's LoRA mode (meanings as in `LoRAConfig`).
 
     head-pruning with `finetune: "full"` has these fields too and ignores them.
@@ -123,7 +123,7 @@ class _LoRAOptions(HeadPruneOptions):
 
 
 @dataclass
-class PruneLoRAConfig(_LoRAOptions):
+class PruneLoRAConfig(LoRAOptions):
     # lr: the seed's value is lost in the text extraction; 5e-4 is LoRA's reference value (lora.py), so
     # prune-lora and lora compare at the same learning rate. Weight decay 0.01 is the seed's.
     lr: float = 5e-4            # learning rate of the LoRA matrices and LayerNorms
@@ -235,11 +235,12 @@ def _nested(scores: torch.Tensor) -> list[list[float | None]]:
 
 # --------------------------------------------------------------------------------------------- methods
 
-class _PrunedMethod(Method):
+class PrunedMethod(Method):
     """Head importance and pruning in `prepare()`; training is delegated to an inner method built after.
 
     Subclasses say how the inner method is built (`_build_inner`) and how a stored config describes LoRA
-    (`_stored_lora`, None when there is none).
+    (`_stored_lora`, None when there is none). Public, with `LoRAOptions`, because `head_pruning.py`
+    builds on both.
     """
     foldable = False  # a head-pruned model loads only through diffprune.heads.load_pruned
     phases = ("finetune",)
@@ -351,7 +352,7 @@ class _PrunedMethod(Method):
 
 
 @register
-class PruneLoRA(_PrunedMethod):
+class PruneLoRA(PrunedMethod):
     """Importance-oriented head pruning + importance-oriented rank-varied LoRA (see the module docstring)."""
     name = "prune-lora"
     config_class = PruneLoRAConfig
@@ -379,6 +380,6 @@ class PruneLoRA(_PrunedMethod):
         return c.lora_config(c.r_low, config["lora_targets"], config.get("rank_pattern") or {}).to_dict()
 
 
-__all__ = ["PruneLoRA", "PruneLoRAConfig", "HeadPruneOptions",
+__all__ = ["PruneLoRA", "PruneLoRAConfig", "HeadPruneOptions", "LoRAOptions", "PrunedMethod", "FINETUNE_MODES",
            "importance_batches", "adaptable_modules", "block_importance", "top_layers", "rank_pattern_for",
            "DEFAULT_PRUNE_FRACTION"]
