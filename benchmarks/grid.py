@@ -27,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import recipe as recipes  # noqa: E402
 from diffprune.compare import ALIASES  # noqa: E402
+from diffprune.io import atomic_write_json, atomic_write_text  # noqa: E402
+from diffprune.report.collect import is_finished_run, load_run  # noqa: E402
 from diffprune.methods import get_method  # noqa: E402
 
 
@@ -95,9 +97,9 @@ def command(cell: Cell, recipe: dict, data_dir: str) -> list[str]:
 
 
 def summary(cell: Cell) -> dict | None:
-    if not cell.done:
+    if not is_finished_run(cell.run_dir):
         return None
-    m = json.loads((cell.run_dir / "metrics.json").read_text())
+    m = load_run(cell.run_dir).metrics
     phases = m["phases"]
     first = next(iter(phases.values()))
     return {"task": cell.task, "seed": cell.seed, "label": cell.label, "main_metric": m["main_metric"],
@@ -139,10 +141,8 @@ def table(rows: list[dict], recipe: dict) -> str:
 def write_results(all_cells: list[Cell], recipe: dict, out: Path) -> str:
     rows = [r for r in map(summary, all_cells) if r]
     text = table(rows, recipe)
-    for name, body in (("results.md", text), ("results.json", json.dumps(rows, indent=1))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(body)
-        os.replace(tmp, out / name)
+    atomic_write_text(out / "results.md", text)
+    atomic_write_json(out / "results.json", rows)
     return text
 
 

@@ -167,7 +167,7 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
     method.prepare(train_ds, collator(tokenizer))
     base_fingerprint_model = model  # sparse methods hold θ unchanged whenever a snapshot is saved
 
-    def evaluate_phase(train_stats: dict, phase_dir: Path, main: bool) -> dict:
+    def evaluate_phase(train_stats: dict, phase_dir: Path) -> dict:
         """Dev metrics of the phase just finished (or restored), written as its metrics.json."""
         phase_metrics = evaluate(method.eval_model(), evals, spec, cfg, tokenizer, phase_dir)
         phase_metrics["train"] = train_stats
@@ -187,7 +187,7 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
                 log.info("phase %s: restored from its snapshot", phase)
                 continue
             # trained and saved, but stopped in its evaluation: evaluate again, nothing to retrain
-            metrics["phases"][phase] = evaluate_phase(json.loads(train_file.read_text()), phase_dir, main)
+            metrics["phases"][phase] = evaluate_phase(json.loads(train_file.read_text()), phase_dir)
             continue
         spec_phase = method.build_phase(phase)
         trainer = PhaseTrainer(model=spec_phase.model, args=training_args(cfg, phase_dir, spec_phase.epochs),
@@ -209,7 +209,7 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
             atomic_write_json(train_file, train_stats)
             save_diff(finish_diff(method.export(), cfg, spec, base_params), phase_dir / "snapshot",
                       base_fingerprint_model)
-        metrics["phases"][phase] = evaluate_phase(train_stats, phase_dir, main)
+        metrics["phases"][phase] = evaluate_phase(train_stats, phase_dir)
         # Free the finished phase (its optimizer state; for Diff Pruning w, α and their Adam moments, 6·d
         # floats) before the next one starts, rather than whenever the Trainer's reference cycles are swept.
         del trainer, spec_phase
