@@ -237,3 +237,31 @@ def test_core_imports_without_the_serve_extra():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": src_path(), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
+
+
+def test_the_serve_command_runs_a_server(diffs_root, tiny_model_dir, tmp_path):
+    """`diffprune serve` as a user starts it: a process that loads, listens, answers, and stops on SIGTERM."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PYTHONPATH": src_path(), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "diffprune", "serve", "--base", str(tiny_model_dir), "--diffs",
+                             str(diffs_root), "--port", str(port), "--threads", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()
+        answer = httpx.post(f"{url}/v1/tasks/stsb/predict", timeout=30,
+                            json={"inputs": [{"sentence1": "a man sleeps", "sentence2": "nobody sleeps"}]})
+        assert answer.status_code == 200 and isinstance(answer.json()["predictions"][0]["value"], float)
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0]
+    assert "4 task diffs" in log and "merged models would be" in log  # the memory line at start-up
