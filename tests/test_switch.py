@@ -73,8 +73,10 @@ def task_set(base):
             "sparsehead": random_diff(base, 5, labels=2, sparse_head=True)}
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_random_switch_sequences_match_apply_diff_bit_for_bit(base, pack):
+@pytest.mark.parametrize("pack,dtype", [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)])
+def test_random_switch_sequences_match_apply_diff_bit_for_bit(base, pack, dtype):
+    """bfloat16 too: apply_diff adds in float32 and casts, and the switcher's precomputed values must agree."""
+    base = base.to(dtype)
     original = copy.deepcopy(base)
     tasks = task_set(base)
     refs = {name: reference(original, diff) for name, diff in tasks.items()}
