@@ -23,6 +23,7 @@ from test_switch import random_diff
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
 
 from diffprune.api import load_task_model  # noqa: E402
 from diffprune.cli import main  # noqa: E402
