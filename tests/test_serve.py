@@ -209,6 +209,24 @@ def test_bad_requests_get_a_clear_json_error_and_the_server_keeps_serving(server
     assert ok.status_code == 200
 
 
+def test_a_failing_batch_is_a_json_500_and_the_worker_goes_on(server, monkeypatch):
+    url, service = server
+    real = service.batcher.run
+    calls = []
+
+    def failing_once(task, pairs):
+        calls.append(task)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure inside the model")
+        return real(task, pairs)
+
+    monkeypatch.setattr(service.batcher, "run", failing_once)
+    body = {"inputs": [{"text": "good"}]}
+    failed = httpx.post(f"{url}/v1/tasks/toy/predict", json=body, timeout=30)
+    assert failed.status_code == 500 and "RuntimeError" in failed.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/tasks/toy/predict", json=body, timeout=30).status_code == 200
+
+
 def test_unknown_route_is_a_json_404(server):
     url, _ = server
     response = httpx.get(f"{url}/v2/whatever", timeout=30)
