@@ -160,3 +160,13 @@ def test_memory_accounting(base):
     dense = sum(t.numel() * 4 for t in diff.dense.values())
     assert switcher.nbytes("a") == diff.nnz * 16 + dense
     assert switcher.nbytes() == diff.nnz * 16 + 2 * dense  # + the saved base head
+
+
+def test_a_packed_model_saves_and_reloads_as_before(base, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    want = {k: v.clone() for k, v in base.state_dict().items()}
+    TaskSwitcher(base)  # packs the parameters into one buffer
+    base.save_pretrained(tmp_path)
+    got = AutoModelForSequenceClassification.from_pretrained(tmp_path).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

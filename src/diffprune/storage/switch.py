@@ -119,8 +119,8 @@ class TaskSwitcher:
         """`pack=True` first moves the parameters of each (device, dtype) into one flat buffer (each
         parameter becomes a view of it; values unchanged), so that a switch is two index copies in all
         instead of two per tensor (~25% less per switch on BERT-base here). Peak memory while packing is
-        twice the model's. A packed model runs as before (`save_pretrained` writes the same files: checked
-        with transformers 5 on a tiny BERT)."""
+        twice the model's. A packed model runs, and saves with `save_pretrained`, as before
+        (tests/test_switch.py)."""
         self.model = model
         self._tasks: dict[str, _Task] = {}
         self._active: str | None = None
