@@ -163,7 +163,11 @@ def cmd_inspect(args) -> int:
               f"(sparsity {100 * stats['sparsity']:.4f}%), {stats['sparse_bytes_per_nnz'] or 0:.2f} bytes per "
               "nonzero in the sparse part")
     print(f"dense parameters (trained or added tensors, head included) {stats['dense_params']:,}")
-    print(f"stored bytes {stats['stored_bytes']:,}")
+    print(f"stored bytes {stats['stored_bytes']:,}" + (f" (sparse values as {stats['value_dtype']})"
+                                                       if stats["nnz"] and stats["value_dtype"] else ""))
+    per = stats["bytes_per_nnz"] or {}
+    for part, size in stats["bytes"].items():
+        print(f"  {part:<14} {size:>12,} bytes" + (f"  {per[part]:.3f} per nonzero" if part in per else ""))
     if stats["nnz"]:
         print("nonzeros per layer:")
         for group, count in stats["nnz_by_layer"].items():
