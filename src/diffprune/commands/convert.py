@@ -19,6 +19,9 @@ def check_output(out: Path, what: str = "diff") -> None:
 
     if out.exists() and not out.is_dir():
         raise DiffpruneError(f"--output {out} is an existing file; give a folder for the {what}")
+    blocked = [p for p in out.parents if p.exists() and not p.is_dir()]
+    if blocked:
+        raise DiffpruneError(f"--output {out}: {blocked[0]} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
         raise DiffpruneError(f"refusing to overwrite {out}: it is a non-empty folder that is not a diff made by "
                              "diffprune; choose another --output or remove it yourself")
