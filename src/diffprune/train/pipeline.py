@@ -33,6 +33,7 @@ from transformers import PrinterCallback, TrainingArguments
 from ..errors import DiffpruneError
 from ..io import atomic_save_tensors, atomic_write_json
 from ..methods import get_method, make_config
+from ..methods.sparse import FixedMaskMixin
 from ..models import load_model, resolve_model_path
 from ..storage import TaskDiff, load_diff, save_diff
 from ..storage.codec import as_stored, check_value_dtype, default_value_dtype
@@ -224,7 +225,8 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
     last = out / "phases" / last_phase / "snapshot"
     value_dtype = cfg.diff_dtype or default_value_dtype(model)
     final = metrics["phases"][last_phase]
-    rounded = stored_form(method.export(), value_dtype)
+    # only the sparse methods store sparse values (the others' export would copy every trained tensor for nothing)
+    rounded = stored_form(method.export(), value_dtype) if isinstance(method, FixedMaskMixin) else None
     if rounded is not None:  # the stored values differ from the trained float32 ones: evaluate what is stored
         method.restore(rounded)
         final = evaluate(method.eval_model(), evals, spec, cfg, tokenizer, out / "phases" / last_phase)
