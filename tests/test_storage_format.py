@@ -78,10 +78,10 @@ def test_int8_absmax_by_hand():
 
 def test_decoding_is_vectorised():
     g = torch.Generator().manual_seed(0)
-    idx = torch.sort(torch.randperm(50_000_000, generator=g)[:1_000_000]).values
+    idx = torch.sort(torch.randperm(20_000_000, generator=g)[:1_000_000]).values
     leb = codec.leb128_encode(codec.gaps_of(idx))
     start = time.perf_counter()
-    got = codec.positions_from_gaps(codec.leb128_decode(leb, idx.numel(), "t"), 50_000_000, "t")
+    got = codec.positions_from_gaps(codec.leb128_decode(leb, idx.numel(), "t"), 20_000_000, "t")
     assert time.perf_counter() - start < 5.0  # a per-entry Python loop takes far longer for 10^6 entries
     assert torch.equal(got, idx)
 

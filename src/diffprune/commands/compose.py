@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     first = diffs[head_from if head_from is not None else 0]
     model, _, _ = load_model(base, len(first.label_names) if first.label_names else 1, first.label_names)
     result = compose_diffs(diffs, seed=args.seed, base_model=model, **options)
+    result.base_model = base  # the model it was checked and fingerprinted on
     dtypes = {d.value_dtype for d in diffs}
     dtype = args.dtype or (dtypes.pop() if len(dtypes) == 1 else "float32")
     save_diff(result, out, None, value_dtype=dtype)
