@@ -74,12 +74,13 @@ def test_dare_drops_with_the_seeded_generator_and_rescales():
         for i, v, k in zip(idx, val, keep.tolist()):
             want[i] = want.get(i, 0.0) + (wi * v / density if k else 0.0)
     want = {i: v for i, v in want.items() if v != 0}
+    rng = torch.get_rng_state()
     got = compose_diffs(list(pair()), method="dare", density=density, weights=w, seed=seed)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is never drawn from
     assert entries(got) == pytest.approx(want)
     again = compose_diffs(list(pair()), method="dare", density=density, weights=w, seed=seed)
     assert entries(again) == entries(got)
     assert entries(compose_diffs(list(pair()), method="dare", density=1.0)) == entries(compose_diffs(list(pair())))
-    assert torch.get_rng_state().equal(torch.get_rng_state())  # (the global RNG is never drawn from)
 
 
 def test_dare_ties_without_drop_is_ties_without_trim():
