@@ -198,9 +198,14 @@ def fingerprint_null(c):
 def nan_in_diff(c):
     def edit(d, meta):
         import hashlib
+        import zlib
+
+        import numpy as np
         tensors = safetensors.torch.load_file(str(d / "diff.safetensors"))
-        key = next(k for k in tensors if k.endswith(".values"))
-        tensors[key][0] = float("nan")
+        assert meta["coding"]["values"]["dtype"] == "float16"  # (byte planes: low bytes, then high bytes)
+        raw = bytearray(zlib.decompress(tensors["sparse.values"].numpy().tobytes()))
+        raw[0], raw[meta["coding"]["values"]["count"]] = 0x00, 0x7E  # value 0 := float16 NaN (0x7E00)
+        tensors["sparse.values"] = torch.from_numpy(np.frombuffer(zlib.compress(bytes(raw)), dtype=np.uint8).copy())
         safetensors.torch.save_file(tensors, str(d / "diff.safetensors"), metadata={"format": "diffprune-task-diff"})
         meta["tensor_file_sha256"] = hashlib.sha256((d / "diff.safetensors").read_bytes()).hexdigest()
     run = _edited_diff(c, edit)

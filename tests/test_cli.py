@@ -36,7 +36,7 @@ def test_train_writes_diff_metrics_and_log(trained):
     assert "accuracy" in metrics["final"]["dev"]
     st = metrics["storage"]
     assert st["nnz"] == round(0.01 * st["num_diff_params"])
-    assert st["sparse_bytes_per_nnz"] == 8.0
+    assert st["value_dtype"] == "float16" and st["sparse_bytes_per_nnz"] < 8.0  # compact format, half values
     records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     l0 = [r for r in records if r["phase"] == "l0" and "expected_l0_frac" in r]
     assert l0 and all(0 < r["expected_l0_frac"] <= 1 for r in l0) and "task_loss" in l0[0]
@@ -61,6 +61,25 @@ def test_eval_reproduces_final_metrics(trained, data_dir, capsys):
     want = json.loads((trained / "metrics.json").read_text())["final"]
     assert got["dev"]["accuracy"] == pytest.approx(want["dev"]["accuracy"])
     assert got["dev"]["loss"] == pytest.approx(want["dev"]["loss"], rel=1e-4)
+
+
+def test_diff_dtype_flag_stores_int8_and_final_metrics_are_those_of_the_stored_diff(tmp_path, tiny_model_dir,
+                                                                                     data_dir, capsys):
+    out = tmp_path / "q"
+    assert main(train_args(tiny_model_dir, data_dir, out, "--sparsity", "0.05", "--diff-dtype", "int8")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["storage"]["value_dtype"] == "int8" and "final_float32" in metrics
+    assert json.loads((out / "diff" / "diff_config.json").read_text())["coding"]["values"]["lossy"] is True
+    assert json.loads((out / "phases" / "fixed_mask" / "snapshot" / "diff_config.json").read_text())[
+        "coding"]["values"]["dtype"] == "float32"  # snapshots (what --resume restores) stay exact
+    capsys.readouterr()
+    assert main(["eval", str(out), "--task", "toy", "--train-file", str(data_dir / "train.tsv"),
+                 "--dev-file", str(data_dir / "dev.tsv"), "--text-columns", "sentence",
+                 "--max-eval-samples", "40"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["dev"]["loss"] == pytest.approx(metrics["final"]["dev"]["loss"], rel=1e-5)
+    assert main(train_args(tiny_model_dir, data_dir, tmp_path / "bad", "--diff-dtype", "fp8")) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_merge_loads_with_plain_transformers(trained, tmp_path, capsys):

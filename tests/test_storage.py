@@ -209,9 +209,10 @@ def test_save_load_round_trip(tmp_path):
     assert_same_diff(diff, loaded)
     assert loaded.nnz == diff.nnz
     meta = json.loads((out / CONFIG_FILE).read_text())
-    assert meta["format_version"] == 1 and meta["nnz"] == diff.nnz
+    assert meta["format_version"] == 2 and meta["nnz"] == diff.nnz
+    assert meta["coding"]["values"]["dtype"] == "float32" and loaded.value_dtype == "float32"
     stored = safetensors.torch.load_file(str(out / TENSOR_FILE))
-    assert all(stored[k].dtype == torch.int32 for k in stored if k.endswith(".indices"))
+    assert {k for k in stored if k.startswith("sparse.")} == {"sparse.positions", "sparse.values"}
     # a loaded diff applies like the original
     m1, m2 = make_tiny("roberta", num_labels=3), make_tiny("roberta", num_labels=3)
     apply_diff(m1, diff)
@@ -230,10 +231,12 @@ def test_indices_fall_back_to_int64_for_huge_tensors(tmp_path):
     shape = (1 << 16, 1 << 16)  # 2^32 elements: never materialised
     delta = SparseDelta(shape, torch.tensor([0, 5, (1 << 32) - 1]), torch.tensor([1.0, 2.0, 3.0]))
     diff = TaskDiff("diff-pruning", "x", "t", None, {}, {"huge.weight": delta}, {})
-    save_diff(diff, tmp_path / "d", None)
+    save_diff(diff, tmp_path / "d", None, format_version=1)
     assert safetensors.torch.load_file(str(tmp_path / "d" / TENSOR_FILE))["sparse.huge.weight.indices"].dtype \
         == torch.int64
     assert torch.equal(load_diff(tmp_path / "d").sparse["huge.weight"].indices, delta.indices)
+    save_diff(diff, tmp_path / "v2", None)  # version 2's varint gaps hold any 64-bit position
+    assert torch.equal(load_diff(tmp_path / "v2").sparse["huge.weight"].indices, delta.indices)
 
 
 @pytest.fixture
@@ -241,6 +244,14 @@ def saved(tmp_path):
     model = make_tiny("bert")
     diff, _ = make_diff(model)
     return save_diff(diff, tmp_path / "diff", model)
+
+
+@pytest.fixture
+def saved_v1(tmp_path):
+    """Version 1 (per-tensor int32 indices + float32 values), whose tensors the checks below edit."""
+    model = make_tiny("bert")
+    diff, _ = make_diff(model)
+    return save_diff(diff, tmp_path / "diff", model, format_version=1)
 
 
 def test_load_missing_directory_and_files(tmp_path, saved):
@@ -303,7 +314,8 @@ def _first_sparse(tensors):
     ("duplicate", "strictly increasing"),
     ("missing_key", "lacks tensor"),
 ])
-def test_load_inconsistent_data(saved, problem, match):
+def test_load_inconsistent_data(saved_v1, problem, match):
+    saved = saved_v1
     def mutate(t):
         k = _first_sparse(t)
         idx = t[k + ".indices"]

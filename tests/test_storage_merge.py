@@ -1,7 +1,10 @@
 """Task-diff storage, part 2: merging into a standalone model, and the statistics `inspect` shows."""
 from __future__ import annotations
 
+import math
+
 import pytest
+import safetensors
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -101,8 +104,17 @@ def test_diff_stats(tmp_path):
     assert s["num_diff_params"] == d and s["sparsity"] == pytest.approx(nnz / d)
     assert s["dense_params"] == sum(t.numel() for t in diff.dense.values())
     assert set(s["dense_params_by_layer"]) == {"head"}
-    assert s["sparse_bytes_per_nnz"] == 8.0  # int32 positions + float32 values, read from the file
-    assert diff_stats(diff)["sparse_bytes_per_nnz"] == 8.0
+    # the parts add up to the files, read from the safetensors header
+    header = safetensors.safe_open(str(out / TENSOR_FILE), "pt")
+    sizes = {k: header.get_slice(k).get_shape() for k in header.keys()}
+    assert s["bytes"]["dense"] == 4 * sum(math.prod(v) for k, v in sizes.items() if k.startswith("dense."))
+    assert s["bytes"]["positions"] == math.prod(sizes["sparse.positions"])
+    assert s["bytes"]["values"] == math.prod(sizes["sparse.values"])
+    assert sum(s["bytes"].values()) == s["stored_bytes"]
+    assert s["sparse_bytes"] == s["bytes"]["positions"] + s["bytes"]["values"] == diff_stats(diff)["sparse_bytes"]
+    assert s["bytes_per_nnz"]["values"] == pytest.approx(s["bytes"]["values"] / nnz)
+    v1 = save_diff(diff, tmp_path / "v1", model, format_version=1)
+    assert diff_stats(diff, v1)["sparse_bytes_per_nnz"] == 8.0  # int32 positions + float32 values
     assert s["stored_bytes"] == (out / TENSOR_FILE).stat().st_size + (out / CONFIG_FILE).stat().st_size
     assert diff_stats(diff)["stored_bytes"] is None
     diff.extra["num_diff_params"] = 10 * d  # recorded by the method: includes tensors with no nonzeros

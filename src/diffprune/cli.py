@@ -1,4 +1,5 @@
-"""The `diffprune` command line: train, eval, inspect, merge, compare, importance, sweep, report, serve.
+"""The `diffprune` command line: train, eval, inspect, merge, compare, importance, sweep, report, convert,
+compose, serve.
 
     diffprune train --model minilm --task rte --data-dir ../shared/data/glue --method diff-pruning \
         --structured --sparsity 0.005 --output-dir runs/rte
@@ -9,6 +10,8 @@
     diffprune importance --task rte --data-dir ../shared/data/glue --output heads/
     diffprune sweep --tasks rte,mrpc --data-dir ../shared/data/glue --sparsities 0.001,0.005 --output-dir sw/
     diffprune report sw/ --output sw/report
+    diffprune convert runs/rte --dtype bfloat16 --output rte-bf16/
+    diffprune compose runs/rte runs/mrpc --method ties --density 0.5 --head-from runs/rte --output merged-diff/
     diffprune serve --base minilm --diffs runs/ --port 8000
 A user mistake prints one line `diffprune: error: …` and exits with status 2.
 """
@@ -20,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from .commands import serve
+from .commands import compose, convert, serve
 from .errors import DiffpruneError
 
 
@@ -89,7 +92,7 @@ def cmd_train(args) -> int:
                     max_length=args.max_length, seed=args.seed, max_train_samples=args.max_train_samples,
                     max_eval_samples=args.max_eval_samples, resume=args.resume, overwrite=args.overwrite,
                     warmup=args.warmup, save_steps=args.save_steps, logging_steps=args.logging_steps,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, diff_dtype=args.diff_dtype)
     if metrics.get("final") is not None:
         print_summary(args.output_dir, metrics)
     return 0
@@ -165,7 +168,11 @@ def cmd_inspect(args) -> int:
               f"(sparsity {100 * stats['sparsity']:.4f}%), {stats['sparse_bytes_per_nnz'] or 0:.2f} bytes per "
               "nonzero in the sparse part")
     print(f"dense parameters (trained or added tensors, head included) {stats['dense_params']:,}")
-    print(f"stored bytes {stats['stored_bytes']:,}")
+    print(f"stored bytes {stats['stored_bytes']:,}" + (f" (sparse values as {stats['value_dtype']})"
+                                                       if stats["nnz"] and stats["value_dtype"] else ""))
+    per = stats["bytes_per_nnz"] or {}
+    for part, size in stats["bytes"].items():
+        print(f"  {part:<14} {size:>12,} bytes" + (f"  {per[part]:.3f} per nonzero" if part in per else ""))
     if stats["nnz"]:
         print("nonzeros per layer:")
         for group, count in stats["nnz_by_layer"].items():
@@ -343,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--diff-dtype", choices=["float16", "bfloat16", "float32", "int8"],
+                   help="dtype of the stored sparse values (default: the base model's dtype when it is a half "
+                        "type, else float16; int8 is lossy; `final` metrics are those of the stored diff)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a stored task diff on a task's dev split(s)")
@@ -396,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="run directories, or folders holding runs (compare/sweep outputs)")
     r.add_argument("--output", required=True, help="directory for report.md, report.json and the PNGs")
     r.set_defaults(func=cmd_report)
-    serve.add_parser(sub)  # diffprune serve: its parser and handler live in commands/serve.py
+    for command in (convert, compose, serve):  # subcommands kept in diffprune/commands/
+        command.add_parser(sub)
     return parser
 
 

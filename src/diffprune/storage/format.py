@@ -6,9 +6,11 @@ A task diff directory holds two files:
   base-weight fingerprint, task and label names, extras, the list of stored tensors with their shapes,
   sizes, and the sha256 of the tensor file (so a flipped bit in the values is caught, not just a broken
   header).
-* ``diff.safetensors`` -- for every sparse entry ``sparse.<name>.indices`` (int32, int64 only for tensors
-  with 2^31 elements or more) and ``sparse.<name>.values`` (float32); for every dense entry
-  ``dense.<name>``. int32 + float32 is what the paper counted: 8 bytes per stored nonzero.
+* ``diff.safetensors`` -- the sparse part and ``dense.<name>`` for every dense entry. Version 2 (written
+  by default) stores positions as deflated LEB128 gaps and values in a dtype you choose (float32, float16,
+  bfloat16, or lossy int8), about 2.5–2.9 bytes per nonzero with 16-bit values; version 1 (still read, and
+  written with ``format_version=1``) stores int32 positions + float32 values, the paper's 8 bytes. See
+  `layout` for the tensors of each version and `codec` for the codings.
 
 Loading never unpickles anything (json + safetensors only), and every way a directory can be broken turns
 into one `DiffpruneError` line instead of a traceback or, worse, a silently wrong model.
@@ -32,12 +34,14 @@ import torch
 
 from ..errors import DiffpruneError
 from ..io import atomic_write
+from . import codec, layout
+from .layout import index_dtype, take as _take  # noqa: F401  (index_dtype: part of this module's API)
 
 FORMAT_NAME = "diffprune-task-diff"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "diff_config.json"
 TENSOR_FILE = "diff.safetensors"
-_INT32_LIMIT = 2**31  # flat positions of tensors with fewer elements than this fit in int32
 
 
 # --------------------------------------------------------------------------------------------- data model
@@ -48,11 +52,14 @@ class SparseDelta:
 
     `indices` are flat (row-major) positions into a tensor of `shape`, strictly increasing, so every
     position appears once and the stored form is canonical; `values` are the float32 diffs there.
+    `int8_scale` is the absmax scale a diff loaded from int8 values was stored with (saving it as int8
+    again reuses it, so the bytes do not drift).
     """
 
     shape: tuple[int, ...]
     indices: torch.Tensor
     values: torch.Tensor
+    int8_scale: float | None = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -120,6 +127,8 @@ class TaskDiff:
     dense: dict[str, torch.Tensor]
     extra: dict = field(default_factory=dict)
     fingerprint: str | None = None
+    # dtype the sparse values were loaded from (None: made in memory); `save_diff` keeps it by default
+    value_dtype: str | None = None
 
     @property
     def nnz(self) -> int:
@@ -239,34 +248,36 @@ def atomic_directory(target: str | os.PathLike, replaceable: Callable[[Path], bo
 
 # --------------------------------------------------------------------------------------------- save
 
-def index_dtype(shape: tuple[int, ...]) -> torch.dtype:
-    """int32 when every flat position of `shape` fits (all real layers), int64 otherwise."""
-    return torch.int32 if math.prod(shape) <= _INT32_LIMIT else torch.int64
-
-
-def save_diff(diff: TaskDiff, directory: str | os.PathLike, base_model: torch.nn.Module | None) -> Path:
+def save_diff(diff: TaskDiff, directory: str | os.PathLike, base_model: torch.nn.Module | None,
+              value_dtype: str | None = None, format_version: int = FORMAT_VERSION) -> Path:
     """Write `diff` to `directory` atomically and return the directory.
 
     `base_model` must be the *unmodified* pretrained model: its weights are fingerprinted (see
     `TaskDiff.fingerprint_names`) and the result stored in `diff.fingerprint`. Pass None to keep the
     fingerprint the diff already has (re-saving a loaded diff). A diff whose fingerprint rule covers no
     tensor gets fingerprint None: there is nothing to check, and a hash of nothing would only pretend to.
+
+    `value_dtype` (float32, float16, bfloat16, int8) is how the sparse values are stored; default: the
+    dtype the diff was loaded with, else float32, so a library call never loses precision unasked
+    (`diffprune train` picks the half-precision default, see `codec.default_value_dtype`). Format version 1
+    (for older diffprune) stores float32 values only.
     """
     diff.validate()
+    value_dtype = codec.check_value_dtype(value_dtype or diff.value_dtype or "float32")
+    if format_version not in READABLE_VERSIONS:
+        raise DiffpruneError(f"cannot write diff format version {format_version} (known: {READABLE_VERSIONS})")
+    if format_version == 1 and value_dtype != "float32":
+        raise DiffpruneError(f"diff format version 1 stores float32 values only, not {value_dtype}")
     if base_model is not None:
         names = diff.fingerprint_names()
         diff.fingerprint = fingerprint(base_model, names) if names else None
 
-    tensors: dict[str, torch.Tensor] = {}
-    sparse_meta, dense_meta = {}, {}
-    sparse_bytes = 0
-    for name, delta in sorted(diff.sparse.items()):
-        idx = delta.indices.detach().to("cpu", index_dtype(delta.shape)).contiguous().clone()
-        val = delta.values.detach().to("cpu", torch.float32).contiguous().clone()
-        tensors[f"sparse.{name}.indices"], tensors[f"sparse.{name}.values"] = idx, val
-        sparse_meta[name] = {"shape": list(delta.shape), "nnz": delta.nnz, "index_dtype": str(idx.dtype)[6:]}
-        sparse_bytes += idx.numel() * idx.element_size() + val.numel() * val.element_size()
-    dense_bytes = 0
+    if format_version == 1:
+        tensors, sparse_meta, coding = layout.pack_v1(diff.sparse)
+    else:
+        tensors, sparse_meta, coding = layout.pack_v2(diff.sparse, value_dtype)
+    sparse_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    dense_meta, dense_bytes = {}, 0
     for name, value in sorted(diff.dense.items()):
         t = value.detach().to("cpu").contiguous().clone()
         tensors[f"dense.{name}"] = t
@@ -275,7 +286,7 @@ def save_diff(diff: TaskDiff, directory: str | os.PathLike, base_model: torch.nn
 
     meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "method": diff.method,
         "base_model": diff.base_model,
         "fingerprint": diff.fingerprint,
@@ -287,6 +298,7 @@ def save_diff(diff: TaskDiff, directory: str | os.PathLike, base_model: torch.nn
         "extra": diff.extra,
         "nnz": diff.nnz,
         "tensors": {"sparse": sparse_meta, "dense": dense_meta},
+        **({"coding": coding} if coding is not None else {}),
         "sizes": {"sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes,
                   "dense_params": sum(t.numel() for t in diff.dense.values())},
     }
@@ -295,9 +307,13 @@ def save_diff(diff: TaskDiff, directory: str | os.PathLike, base_model: torch.nn
     except (TypeError, ValueError) as exc:
         raise DiffpruneError(f"the diff's config/extra is not JSON-serialisable: {exc}") from exc
 
+    # One metadata key only: safetensors writes its metadata map in no fixed order, and equal diffs must give
+    # equal bytes. Version 2's tensor file describes its own codings too.
+    st_meta = {"format": FORMAT_NAME if coding is None else json.dumps(
+        {"format": FORMAT_NAME, "format_version": format_version, "coding": coding}, sort_keys=True)}
     with atomic_directory(directory, lambda p: (p / CONFIG_FILE).is_file()) as tmp:
         atomic_write(tmp / TENSOR_FILE,  # (safetensors alone creates the file 0600, whatever the umask)
-                     lambda t: safetensors.torch.save_file(tensors, t, metadata={"format": FORMAT_NAME}))
+                     lambda t: safetensors.torch.save_file(tensors, t, metadata=st_meta))
         meta["sizes"]["tensor_file_bytes"] = (tmp / TENSOR_FILE).stat().st_size
         meta["tensor_file_sha256"] = _sha256_file(tmp / TENSOR_FILE)
         with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
@@ -342,13 +358,12 @@ def load_diff(directory: str | os.PathLike) -> TaskDiff:
     try:
         sparse_meta = dict(meta["tensors"]["sparse"])
         dense_meta = dict(meta["tensors"]["dense"])
-        sparse: dict[str, SparseDelta] = {}
-        for name, info in sparse_meta.items():
-            idx = _take(tensors, f"sparse.{name}.indices", tensor_path)
-            val = _take(tensors, f"sparse.{name}.values", tensor_path)
-            if idx.dtype not in (torch.int32, torch.int64) or not val.is_floating_point():
-                raise DiffpruneError(f"{tensor_path}: sparse tensor '{name}' has dtypes {idx.dtype}/{val.dtype}")
-            sparse[name] = SparseDelta(tuple(info["shape"]), idx.long(), val.float())
+        if meta["format_version"] == 1:
+            sparse = layout.unpack_v1(tensors, sparse_meta, tensor_path, SparseDelta)
+            value_dtype = "float32"
+        else:
+            sparse = layout.unpack_v2(tensors, sparse_meta, meta.get("coding"), tensor_path, SparseDelta)
+            value_dtype = meta["coding"]["values"]["dtype"]
         dense: dict[str, torch.Tensor] = {}
         for name, info in dense_meta.items():
             dense[name] = _take(tensors, f"dense.{name}", tensor_path)
@@ -360,7 +375,8 @@ def load_diff(directory: str | os.PathLike) -> TaskDiff:
                                  f"{', '.join(sorted(tensors)[:5])}")
         diff = TaskDiff(method=str(meta["method"]), base_model=str(meta["base_model"]), task=str(meta["task"]),
                         label_names=meta["label_names"], config=dict(meta["config"]), sparse=sparse,
-                        dense=dense, extra=dict(meta.get("extra") or {}), fingerprint=meta.get("fingerprint"))
+                        dense=dense, extra=dict(meta.get("extra") or {}), fingerprint=meta.get("fingerprint"),
+                        value_dtype=value_dtype)
     except (KeyError, TypeError, ValueError) as exc:
         raise DiffpruneError(f"{directory / CONFIG_FILE} is malformed (bad or missing field {exc})") from exc
     try:
@@ -392,14 +408,7 @@ def _read_meta(directory: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise DiffpruneError(f"{path} is not a diffprune task diff (format is not '{FORMAT_NAME}')")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DiffpruneError(f"{directory} uses diff format version {version!r}; this diffprune reads version "
-                             f"{FORMAT_VERSION} (upgrade diffprune to read newer diffs)")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise DiffpruneError(f"{directory} uses diff format version {version!r}; this diffprune reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade diffprune to read newer diffs)")
     return meta
-
-
-def _take(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
-    try:
-        return tensors.pop(key)
-    except KeyError:
-        raise DiffpruneError(f"{path} lacks tensor '{key}' listed in {CONFIG_FILE}") from None

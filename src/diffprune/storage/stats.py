@@ -7,7 +7,8 @@ import struct
 from pathlib import Path
 
 from ..archs import group_order, layer_group, two_stacks
-from .format import CONFIG_FILE, TENSOR_FILE, TaskDiff, index_dtype
+from . import layout
+from .format import CONFIG_FILE, TENSOR_FILE, TaskDiff
 
 
 def _by_group(counts: dict[str, int]) -> dict[str, int]:
@@ -31,8 +32,10 @@ def diff_stats(diff: TaskDiff, directory: str | os.PathLike | None = None) -> di
     `task_params` is everything stored for the task (nonzeros + dense tensors, head included);
     `task_params_pct` puts it against the pretrained model's size (`extra["base_params"]`, head excluded).
 
-    `sparse_bytes_per_nnz` is (index bytes + value bytes) / nnz as stored: read from the safetensors header
-    when `directory` is given, else from the storage rule (int32 positions, float32 values: 8).
+    `sparse_bytes_per_nnz` is (position bytes + value bytes) / nnz as stored: read from the safetensors
+    header when `directory` is given, else measured by packing the diff in memory (format 2, its
+    `value_dtype` or float32). `bytes` splits the files into positions, values (int8 scales included),
+    dense tensors, the safetensors header and diff_config.json; `bytes_per_nnz` divides each by nnz.
     """
     nnz_by_tensor = {name: delta.nnz for name, delta in sorted(diff.sparse.items())}
     nnz = sum(nnz_by_tensor.values())
@@ -43,11 +46,16 @@ def diff_stats(diff: TaskDiff, directory: str | os.PathLike | None = None) -> di
 
     if directory is not None:
         directory = Path(directory)
-        sparse_bytes = _sparse_bytes_on_disk(directory / TENSOR_FILE)
-        stored_bytes = (directory / TENSOR_FILE).stat().st_size + (directory / CONFIG_FILE).stat().st_size
+        parts = _bytes_on_disk(directory / TENSOR_FILE)
+        parts["config_file"] = (directory / CONFIG_FILE).stat().st_size
+        stored_bytes = (directory / TENSOR_FILE).stat().st_size + parts["config_file"]
     else:
-        sparse_bytes = sum(delta.nnz * (4 + index_dtype(delta.shape).itemsize) for delta in diff.sparse.values())
+        tensors, _, _ = layout.pack_v2(diff.sparse, diff.value_dtype or "float32")
+        parts = {"positions": _numbytes(tensors.pop(layout.POSITIONS)),
+                 "values": sum(map(_numbytes, tensors.values())),
+                 "dense": sum(map(_numbytes, diff.dense.values()))}
         stored_bytes = None
+    sparse_bytes = parts["positions"] + parts["values"]
 
     return {
         "method": diff.method,
@@ -70,13 +78,30 @@ def diff_stats(diff: TaskDiff, directory: str | os.PathLike | None = None) -> di
         "sparse_bytes": sparse_bytes,
         "sparse_bytes_per_nnz": sparse_bytes / nnz if nnz else None,
         "stored_bytes": stored_bytes,
+        "value_dtype": diff.value_dtype,
+        "bytes": parts,
+        "bytes_per_nnz": {k: v / nnz for k, v in parts.items()} if nnz else None,
     }
 
 
-def _sparse_bytes_on_disk(path: Path) -> int:
-    """Bytes of the `sparse.*` tensors, from the safetensors header (8-byte length + JSON offsets)."""
+def _numbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _bytes_on_disk(path: Path) -> dict[str, int]:
+    """Bytes of each part of a tensor file, from its safetensors header (8-byte length + JSON offsets)."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-    return sum(end - start for key, info in header.items() if key.startswith("sparse.")
-               for start, end in [info["data_offsets"]])
+    parts = {"positions": 0, "values": 0, "dense": 0, "header": 8 + header_len}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if key.startswith("dense."):
+            parts["dense"] += end - start
+        elif key == layout.POSITIONS or key.endswith(".indices"):
+            parts["positions"] += end - start
+        else:  # sparse.values, sparse.scales, sparse.<name>.values
+            parts["values"] += end - start
+    return parts

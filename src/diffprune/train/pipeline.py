@@ -6,8 +6,9 @@ of the task state. With `resume=True`, finished phases are restored from their s
 unfinished one continues from its last checkpoint, so a stopped run loses at most `save_steps` steps.
 
 Output directory layout:
-    OUT/diff/                 the task diff (diff_config.json + diff.safetensors), see `diffprune.storage`
-    OUT/metrics.json          dev metrics after each phase, the final ones under "final"
+    OUT/diff/                 the task diff (diff_config.json + diff.safetensors), see `diffprune.storage`;
+                              sparse values in `diff_dtype` (default half precision), phase snapshots float32
+    OUT/metrics.json          dev metrics after each phase, the final ones (of the stored diff) under "final"
     OUT/log.jsonl             every training log record (loss, task loss, penalty, expected L0, …)
     OUT/run_config.json       the full configuration of the run
     OUT/phases/<phase>/       per-phase snapshot, metrics and (while running) Trainer checkpoints
@@ -32,8 +33,10 @@ from transformers import PrinterCallback, TrainingArguments
 from ..errors import DiffpruneError
 from ..io import atomic_save_tensors, atomic_write_json
 from ..methods import get_method, make_config
+from ..methods.sparse import FixedMaskMixin
 from ..models import load_model, resolve_model_path
 from ..storage import TaskDiff, load_diff, save_diff
+from ..storage.codec import as_stored, check_value_dtype, default_value_dtype
 from ..tasks import TaskSpec, compute_metrics, get_task, load_task_data
 from .data import collator, tokenize
 from .rundir import RunLock, check_output_dir, newest_complete_checkpoint, prepare_output_dir
@@ -65,8 +68,11 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    diff_dtype: str | None = None  # sparse values of OUT/diff; None: codec.default_value_dtype(base model)
 
     def __post_init__(self):
+        if self.diff_dtype is not None:
+            check_value_dtype(self.diff_dtype)
         for key in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
             if getattr(self, key) <= 0:
                 raise DiffpruneError(f"{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
@@ -215,24 +221,42 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
         del trainer, spec_phase
         gc.collect()
 
-    last = out / "phases" / method.phases[-1] / "snapshot"
+    last_phase = method.phases[-1]
+    last = out / "phases" / last_phase / "snapshot"
+    value_dtype = cfg.diff_dtype or default_value_dtype(model)
+    final = metrics["phases"][last_phase]
+    # only the sparse methods store sparse values (the others' export would copy every trained tensor for nothing)
+    rounded = stored_form(method.export(), value_dtype) if isinstance(method, FixedMaskMixin) else None
+    if rounded is not None:  # the stored values differ from the trained float32 ones: evaluate what is stored
+        method.restore(rounded)
+        final = evaluate(method.eval_model(), evals, spec, cfg, tokenizer, out / "phases" / last_phase)
+        shutil.rmtree(out / "phases" / last_phase / "checkpoints", ignore_errors=True)
+        metrics["final_float32"] = {k: v for k, v in metrics["phases"][last_phase].items() if k != "train"}
     if main:
-        tmp = out / ".diff.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(last, tmp)
-        shutil.rmtree(out / "diff", ignore_errors=True)
-        os.replace(tmp, out / "diff")
+        save_diff(load_diff(last), out / "diff", None, value_dtype=value_dtype)
         from ..storage import diff_stats
 
         stats = diff_stats(load_diff(out / "diff"), out / "diff")
-        final = metrics["phases"][method.phases[-1]]
         metrics["final"] = {split: vals for split, vals in final.items() if split != "train"}
         metrics["main_metric"] = spec.main_metric
         metrics["storage"] = {k: stats[k] for k in ("nnz", "num_diff_params", "sparsity", "stored_bytes",
                                                     "sparse_bytes_per_nnz", "dense_params", "task_params",
-                                                    "task_params_pct") if k in stats}
+                                                    "task_params_pct", "value_dtype") if k in stats}
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def stored_form(diff: TaskDiff, value_dtype: str) -> TaskDiff | None:
+    """`diff` with its sparse values as saving in `value_dtype` and loading give them back, or None when
+    that changes nothing (float32, no sparse entries, values a half type holds exactly).
+
+    Computed in memory on every process, so that a distributed run evaluates the stored diff in step."""
+    changed = False
+    for delta in diff.sparse.values():
+        values = as_stored(delta.values, value_dtype)
+        changed = changed or not torch.equal(values, delta.values.float())
+        delta.values = values
+    return diff if changed else None
 
 
 def finish_diff(diff: TaskDiff, cfg: TrainConfig, spec: TaskSpec, base_params: int | None = None) -> TaskDiff:
