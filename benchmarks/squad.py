@@ -17,6 +17,7 @@ best-span search, EM/F1), in this process with one thread, and writes OUT/measur
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,22 +91,28 @@ def measure(recipe: dict, data_dir: str, out: Path) -> dict:
     kind = task_kind(spec)
     data = kind.load(spec, data_dir, None, None, int(recipe["seed"]))
     model, tok, _ = load_model(recipe["model"], auto_class=kind.auto_class, **kind.model_kwargs(spec))
-    start = time.perf_counter()
-    train = kind.train_features(data.train, tok, spec, length, stride)
-    prep = time.perf_counter() - start
-    start = time.perf_counter()
-    evals = {"dev": kind.eval_split(data.evals["dev"], tok, spec, length, stride)}
-    dev_prep = time.perf_counter() - start
+    def timed(fn):
+        """(result, wall seconds, CPU seconds of this process): on a shared machine the CPU time is the
+        figure an idle core would give; the wall time includes waiting for the core."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        value = fn()
+        return value, time.perf_counter() - wall, time.process_time() - cpu
+
+    train, prep, prep_cpu = timed(lambda: kind.train_features(data.train, tok, spec, length, stride))
+    evals, dev_prep, dev_prep_cpu = timed(lambda: {"dev": kind.eval_split(data.evals["dev"], tok, spec, length,
+                                                                          stride)})
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(output_dir=tmp, progress=False, max_length=length, doc_stride=stride)
-        start = time.perf_counter()
-        scores = evaluate(model.eval(), evals, spec, cfg, tok, Path(tmp))["dev"]
-        seconds = time.perf_counter() - start
+        scores, seconds, cpu = timed(lambda: evaluate(model.eval(), evals, spec, cfg, tok, Path(tmp))["dev"])
     result = {"threads": torch.get_num_threads(), "max_length": length, "doc_stride": stride,
+              "load_average_1min": round(os.getloadavg()[0], 2),
               "train_questions": len(data.train), "train_features": len(train),
-              "train_preprocess_seconds": round(prep, 2), "features_per_second": round(len(train) / prep, 1),
+              "train_preprocess_seconds": round(prep, 2), "train_preprocess_cpu_seconds": round(prep_cpu, 2),
+              "features_per_second": round(len(train) / prep, 1),
+              "features_per_cpu_second": round(len(train) / prep_cpu, 1),
               "dev_questions": len(data.evals["dev"]), "dev_features": len(evals["dev"].dataset),
-              "dev_preprocess_seconds": round(dev_prep, 2), "dev_eval_seconds": round(seconds, 1),
+              "dev_preprocess_seconds": round(dev_prep, 2), "dev_preprocess_cpu_seconds": round(dev_prep_cpu, 2),
+              "dev_eval_seconds": round(seconds, 1), "dev_eval_cpu_seconds": round(cpu, 1),
               "dev_eval_batch_size": cfg.eval_batch_size,
               "untrained_scores": {k: v for k, v in scores.items() if k in ("exact_match", "f1", "loss")}}
     atomic_write_json(out / "measure.json", result)

@@ -90,3 +90,24 @@ def test_own_squad_files_and_official_names(tiny_model_dir, tmp_path):
     a, b = (json.loads((o / "metrics.json").read_text())["final"]["dev"] for o in (out, out2))
     assert a == pytest.approx(b)
     assert len(json.loads((out / "predictions.json").read_text())) == 2 * 6
+
+
+def test_resume_restores_predictions_and_refuses_another_stride(qa_run, squad_dir, tiny_model_dir, tmp_path,
+                                                                 capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(qa_run, run)
+    want = (run / "predictions.json").read_text()
+    (run / "metrics.json").unlink()
+    (run / "predictions.json").unlink()
+    base = ["train", "--model", str(tiny_model_dir), "--task", "squad", "--data-dir", str(squad_dir),
+            "--output-dir", str(run), "--structured", "--epochs", "1", "--l0-epochs", "1", "--lr", "1e-3", "--resume"]
+    changed = list(ARGS)
+    changed[ARGS.index("--doc-stride") + 1] = "8"
+    assert main([*base, *changed]) == 2
+    assert "doc_stride=16" in capsys.readouterr().err and not (run / "metrics.json").exists()
+    assert main([*base, *ARGS]) == 0  # every phase restored from its snapshot: nothing retrained
+    assert (run / "predictions.json").read_text() == want
+    assert json.loads((run / "metrics.json").read_text())["final"] == \
+        json.loads((qa_run / "metrics.json").read_text())["final"]
