@@ -19,13 +19,18 @@ from .storage import TaskDiff, apply_diff, load_diff
 def train(output_dir: str, task: str = "rte", model: str = "minilm", method: str = "diff-pruning",
           spec=None, **options: Any) -> dict:
     """Run the training pipeline. Keyword options go to `TrainConfig` or, if not one of its fields,
-    to the method's config (e.g. `sparsity`, `structured`, `l0_lambda`)."""
+    to the method's config (e.g. `sparsity`, `structured`, `l0_lambda`). Without `max_length`, the task
+    kind's default applies (128 tokens; 384 per window for question answering)."""
     import dataclasses
 
     from .train.pipeline import TrainConfig, run
 
     recipe_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     recipe = {k: v for k, v in options.items() if k in recipe_fields}
+    if recipe.get("max_length") is None:  # the task kind's default, as on the command line (QA: 384)
+        from .tasks import get_task, task_kind
+
+        recipe["max_length"] = task_kind(spec or get_task(task)).default_max_length
     method_options = {k: v for k, v in options.items() if k not in recipe_fields}
     cfg = TrainConfig(output_dir=output_dir, task=task, model=model, method=method,
                       method_options={**recipe.pop("method_options", {}), **method_options}, **recipe)
