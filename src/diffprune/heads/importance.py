@@ -274,7 +274,8 @@ def run_importance(model_name: str, task_spec, data_dir, output_dir, num_example
     `task_spec` is a TaskSpec or a GLUE task name. Writes importance.json, importance.safetensors and
     importance.png to `output_dir`; returns the JSON content plus the file paths. A model without a
     trained task head gets a freshly initialised one (seeded by `seed`), as in Prune-LoRA, where the
-    importance is taken before finetuning.
+    importance is taken before finetuning. For a QA task the loss is the span loss over windows of
+    `max_length` tokens that overlap by min(128, max_length // 2) tokens.
     """
     from torch.utils.data import DataLoader
 
