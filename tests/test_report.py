@@ -312,3 +312,24 @@ def test_claims_leave_out_tasks_where_diff_pruning_is_at_chance():
     assert graceful["status"] == claims.NOT_REPRODUCED and "left out" in graceful["evidence"]
     versus = claims.structured_vs_unstructured(tables)
     assert "mean over 4 (task, sparsity) pairs" in versus["evidence"] and "cola" in versus["evidence"]
+
+
+def test_runs_of_other_seeds_are_averaged_and_same_seed_repeats_noted(grid, tmp_path):
+    from diffprune.report.collect import find_runs
+
+    root = tmp_path / "runs"
+    for seed, score in ((42, 0.70), (43, 0.60), (42, 0.10)):
+        where = root / f"s{seed}" / ("full" if score != 0.10 else "full-again")
+        shutil.copytree(run_dir(grid, "rte", "full", None), where)
+        config = json.loads((where / "run_config.json").read_text())
+        (where / "run_config.json").write_text(json.dumps({**config, "seed": seed}))
+        metrics = json.loads((where / "metrics.json").read_text())
+        metrics["final"]["dev"] = {"accuracy": score, "main": score}
+        metrics["phases"]["finetune"]["dev"] = {"accuracy": score, "main": score}
+        (where / "metrics.json").write_text(json.dumps(metrics))
+    runs, notes = find_runs([root])
+    assert len(runs) == 1 and runs[0].seeds == [42, 43]
+    assert runs[0].dev_main == pytest.approx(0.65)  # (0.70 + 0.60) / 2; the same-seed repeat left out
+    assert runs[0].phase_main("finetune") == runs[0].dev_main
+    assert any("same seed" in n and "full-again" in n for n in notes)
+    assert any("means over seeds 42, 43" in n for n in notes)

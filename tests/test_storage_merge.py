@@ -32,6 +32,18 @@ def test_merge_reloads_with_plain_transformers(tmp_path, arch):
         assert torch.allclose(base(**batch).logits, expected, atol=1e-6)
 
 
+def test_merge_keeps_default_looking_label_names_so_bart_reloads_with_two_labels(tmp_path):
+    """transformers drops LABEL_0/LABEL_1 from a saved config; BART's own default is 3 labels."""
+    model = make_tiny("bart", num_labels=2)
+    diff, _ = make_diff(model, label_names=("LABEL_0", "LABEL_1"))
+    out = merge_diff(model, diff, tmp_path / "merged")
+    batch = random_batch(model)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        got = AutoModelForSequenceClassification.from_pretrained(out).eval()(**batch).logits
+    assert got.shape == (batch["input_ids"].shape[0], 2) and torch.allclose(got, expected, atol=1e-5)
+
+
 def test_merge_regression_sets_problem_type(tmp_path):
     model = make_tiny("bert", num_labels=1)
     diff, _ = make_diff(model, label_names=None)

@@ -1,4 +1,4 @@
-"""The `diffprune` command line: train, eval, inspect, merge, compare, importance, sweep, report.
+"""The `diffprune` command line: train, eval, inspect, merge, compare, importance, sweep, report, serve.
 
     diffprune train --model minilm --task rte --data-dir ../shared/data/glue --method diff-pruning \
         --structured --sparsity 0.005 --output-dir runs/rte
@@ -11,6 +11,7 @@
     diffprune importance --task rte --data-dir ../shared/data/glue --output heads/
     diffprune sweep --tasks rte,mrpc --data-dir ../shared/data/glue --sparsities 0.001,0.005 --output-dir sw/
     diffprune report sw/ --output sw/report
+    diffprune serve --base minilm --diffs runs/ --port 8000
 A user mistake prints one line `diffprune: error: …` and exits with status 2.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from .commands import serve
 from .errors import DiffpruneError
 
 
@@ -338,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="run directories, or folders holding runs (compare/sweep outputs)")
     r.add_argument("--output", required=True, help="directory for report.md, report.json and the PNGs")
     r.set_defaults(func=cmd_report)
+    serve.add_parser(sub)  # diffprune serve: its parser and handler live in commands/serve.py
     return parser
 
 

@@ -61,6 +61,8 @@ class Run:
     metrics: dict
     run_config: dict = field(default_factory=dict)
     diff_meta: dict = field(default_factory=dict)   # diff/diff_config.json, read as JSON (no tensors)
+    # runs of the same setting with other seeds: the scores below are means over this run and these
+    peers: list["Run"] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -98,11 +100,19 @@ class Run:
         return (self.task, self.variant, self.sparsity)
 
     @property
+    def seed(self):
+        return self.run_config.get("seed")
+
+    @property
+    def seeds(self) -> list:
+        return [r.seed for r in (self, *self.peers)]
+
+    @property
     def dev_main(self) -> float | None:
-        return main_value(self.metrics.get("final"))
+        return _mean([main_value(r.metrics.get("final")) for r in (self, *self.peers)])
 
     def phase_main(self, phase: str) -> float | None:
-        return main_value(self.metrics.get("phases", {}).get(phase))
+        return _mean([main_value(r.metrics.get("phases", {}).get(phase)) for r in (self, *self.peers)])
 
     @property
     def storage(self) -> dict:
@@ -153,6 +163,12 @@ class Run:
             group = layer_group(name, stacks)
             out[group] = out.get(group, 0) + numel
         return out
+
+
+def _mean(values: list) -> float | None:
+    """Mean of the values that exist (a seed whose run lacks a phase is left out, not counted as 0)."""
+    have = [v for v in values if v is not None]
+    return sum(have) / len(have) if have else None
 
 
 def _read_json(path: Path) -> dict:
@@ -207,10 +223,18 @@ def find_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
                      + ", ".join(str(p) for p in unfinished[:5]) + (" …" if len(unfinished) > 5 else ""))
     unique: dict[tuple, Run] = {}
     for run in runs:
-        if run.key in unique:
-            notes.append(f"{run.path} repeats {run.task} / {run.name} of {unique[run.key].path}; the first is used")
-        else:
+        first = unique.get(run.key)
+        if first is None:
             unique[run.key] = run
+        elif run.seed is not None and run.seed not in first.seeds:
+            first.peers.append(run)  # another seed of the same setting: averaged
+        else:
+            notes.append(f"{run.path} repeats {run.task} / {run.name} of {first.path} with the same seed; the "
+                         "first is used")
+    averaged = sorted({(r.task, tuple(r.seeds)) for r in unique.values() if r.peers})
+    for task, seeds in averaged:
+        notes.append(f"{task}: scores are means over seeds {', '.join(map(str, seeds))} where runs of "
+                     "several seeds exist")
     return list(unique.values()), notes
 
 

@@ -147,6 +147,21 @@ def check_merge_output(out: Path, base: str, base_dir: Path) -> None:
                              "choose another --output or remove it yourself")
 
 
+def _keep_label_count(config_file: Path, config) -> None:
+    """Write id2label/label2id into a saved config.json when save_pretrained left them out.
+
+    transformers 5 omits them when they look like the defaults (LABEL_0, LABEL_1, …); a model class whose
+    own default label count differs (BART: 3) then reloads with a head of the wrong size and refuses the
+    checkpoint. Written explicitly, the label count survives for every family.
+    """
+    saved = json.loads(config_file.read_text())
+    if "id2label" in saved:
+        return
+    saved["id2label"] = {str(i): n for i, n in config.id2label.items()}
+    saved["label2id"] = {n: int(i) for n, i in config.label2id.items()}
+    atomic_write_json(config_file, saved)
+
+
 def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.PathLike, tokenizer=None,
                fold: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Path:
     """Apply `diff` and save the result as a plain transformers checkpoint in `output_dir` (atomically).
@@ -176,6 +191,7 @@ def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.Path
         plain = fold(model) if fold is not None else model
         with atomic_directory(output_dir, is_merged_model) as tmp:
             plain.save_pretrained(tmp)
+            _keep_label_count(tmp / "config.json", plain.config)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             mode = 0o666 & ~_umask()  # save_pretrained's safetensors files are created 0600
