@@ -111,3 +111,15 @@ def test_resume_restores_predictions_and_refuses_another_stride(qa_run, squad_di
     assert (run / "predictions.json").read_text() == want
     assert json.loads((run / "metrics.json").read_text())["final"] == \
         json.loads((qa_run / "metrics.json").read_text())["final"]
+
+
+def test_serve_refuses_a_qa_diff_before_loading(qa_run, tmp_path):
+    import shutil
+
+    pytest.importorskip("fastapi")
+    from diffprune.errors import DiffpruneError
+    from diffprune.serve.service import load_service
+
+    shutil.copytree(qa_run / "diff", tmp_path / "diffs" / "squad")
+    with pytest.raises(DiffpruneError, match="'qa' task diff.*classification and regression tasks only"):
+        load_service(tmp_path / "diffs")

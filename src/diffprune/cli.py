@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from .commands import serve
+from .commands import diffs, serve
 from .errors import DiffpruneError
 
 
@@ -251,8 +251,6 @@ def add_budget_args(p: argparse.ArgumentParser, set_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli_diff import cmd_eval, cmd_inspect, cmd_merge
-
     parser = Parser(prog="diffprune", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -288,24 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a stored task diff on a task's dev split(s)")
-    e.add_argument("run", help="run directory (or diff directory)")
-    add_task_args(e)
-    e.add_argument("--base-model", help="base model to apply the diff to (default: the one recorded)")
-    e.add_argument("--seed", type=int, default=42, help="seed of the --max-eval-samples subset (as in train)")
-    e.add_argument("--output-dir", help="also write metrics.json (and for squad predictions.json) here")
-    e.set_defaults(func=cmd_eval)
-
-    i = sub.add_parser("inspect", help="nonzeros, sparsity, stored bytes, nonzeros per layer")
-    i.add_argument("run")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_inspect)
-
-    m = sub.add_parser("merge", help="write a standalone model with the diff merged in")
-    m.add_argument("run")
-    m.add_argument("--output", required=True)
-    m.add_argument("--base-model")
-    m.set_defaults(func=cmd_merge)
+    diffs.add_parser(sub)  # eval, inspect, merge: parsers and handlers in commands/diffs.py
     c = sub.add_parser("compare", help="train (or reuse) several methods on one task; table, CSV and plot")
     c.add_argument("--model", default="minilm")
     add_task_args(c)

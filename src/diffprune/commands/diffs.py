@@ -1,8 +1,13 @@
-"""The `diffprune` subcommands that read a stored task diff: eval, inspect, merge (parsed in `cli.py`).
+"""The subcommands that read a stored task diff: `diffprune eval`, `inspect` and `merge`.
 
-Kept apart from training and the multi-run commands so that each file stays readable; they share
-`cli.task_spec` (the task flags) and raise `DiffpruneError` for every user mistake, which `cli.main` turns
-into the one-line error.
+    diffprune eval runs/rte --task rte --data-dir ../shared/data/glue [--output-dir ev/]
+    diffprune inspect runs/rte [--json]
+    diffprune merge runs/rte --output merged/
+
+Their parsers and handlers live here (`add_parser(sub)` adds all three); they share `cli.add_task_args` /
+`cli.task_spec` with training and raise `DiffpruneError` for every user mistake, which `cli.main` turns into
+the one-line error. A QA diff (task kind "qa") is evaluated with the QA scorer and merged into a model that
+`AutoModelForQuestionAnswering` loads.
 """
 from __future__ import annotations
 
@@ -10,18 +15,19 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import task_spec
-from .errors import DiffpruneError
+from ..errors import DiffpruneError
 
 
 def cmd_eval(args) -> int:
     import tempfile
 
-    from .api import check_diff_task, find_diff_dir, load_task_model
-    from .io import atomic_write_json
-    from .storage import load_diff
-    from .tasks import task_kind
-    from .train.pipeline import TrainConfig, eval_outputs, evaluate
+    from ..api import check_diff_task, find_diff_dir, load_task_model
+    from ..io import atomic_write_json
+    from ..storage import load_diff
+    from ..tasks import task_kind
+    from ..train.pipeline import TrainConfig, eval_outputs, evaluate
+
+    from ..cli import task_spec
 
     spec = task_spec(args)
     kind = task_kind(spec)
@@ -48,8 +54,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .api import find_diff_dir
-    from .storage import diff_stats, load_diff
+    from ..api import find_diff_dir
+    from ..storage import diff_stats, load_diff
 
     path = find_diff_dir(args.run)
     diff = load_diff(path)
@@ -80,13 +86,13 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .api import diff_kind, find_diff_dir, load_base_for_diff
-    from .models import resolve_model_path
-    from .storage import load_diff, merge_diff
-    from .tasks import task_kind
-    from .storage.apply import check_merge_output
+    from ..api import diff_kind, find_diff_dir, load_base_for_diff
+    from ..models import resolve_model_path
+    from ..storage import load_diff, merge_diff
+    from ..tasks import task_kind
+    from ..storage.apply import check_merge_output
 
-    from .methods import get_method
+    from ..methods import get_method
 
     diff = load_diff(find_diff_dir(args.run))
     base = args.base_model or diff.base_model
@@ -96,10 +102,34 @@ def cmd_merge(args) -> int:
     model, tokenizer, _ = load_base_for_diff(args.run, base, diff)
     model = method.attach(model, diff.config)
     out = merge_diff(model, diff, args.output, tokenizer, fold=method.fold)
-    from .heads import pruned_heads_of
+    from ..heads import pruned_heads_of
 
     if pruned_heads_of(model.config):
         print(f"merged model written to {out} (head-pruned: load it with diffprune.heads.load_pruned('{out}'))")
     else:
         print(f"merged model written to {out} (loads with {task_kind(diff_kind(diff)).auto_class}.from_pretrained)")
     return 0
+
+
+def add_parser(sub) -> None:
+    """Adds eval, inspect and merge to the `diffprune` subparsers."""
+    from ..cli import add_task_args
+
+    e = sub.add_parser("eval", help="evaluate a stored task diff on a task's dev split(s)")
+    e.add_argument("run", help="run directory (or diff directory)")
+    add_task_args(e)
+    e.add_argument("--base-model", help="base model to apply the diff to (default: the one recorded)")
+    e.add_argument("--seed", type=int, default=42, help="seed of the --max-eval-samples subset (as in train)")
+    e.add_argument("--output-dir", help="also write metrics.json (and for squad predictions.json) here")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="nonzeros, sparsity, stored bytes, nonzeros per layer")
+    i.add_argument("run")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    m = sub.add_parser("merge", help="write a standalone model with the diff merged in")
+    m.add_argument("run")
+    m.add_argument("--output", required=True)
+    m.add_argument("--base-model")
+    m.set_defaults(func=cmd_merge)
