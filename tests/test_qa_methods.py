@@ -98,3 +98,24 @@ def test_qa_outputs_is_the_task_head_of_every_family(family):
     heads = {n.split(".")[0] for n in task_head_names(qa)}
     assert heads == QA_HEAD.get(family, {"qa_outputs"})
     assert "qa_outputs" in heads or family in QA_HEAD
+
+
+@pytest.mark.parametrize("label", ["lora", "diff-pruning"])
+def test_merged_decoder_qa_model_reloads_with_plain_transformers(label, gpt2_dir, squad, tmp_path):
+    import torch
+
+    from diffprune.cli import main
+
+    method, opts = _options(label)
+    run = tmp_path / "run"
+    train(output_dir=str(run), task="squad", model=str(gpt2_dir), method=method, data_dir=str(squad),
+          **RECIPE, **opts)
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
+    plain = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "merged").eval()
+    ours, tok, _ = load_task_model(run)
+    batch = tok(["where does anna live?"], ["anna lives in rome and works as a baker."], return_tensors="pt")
+    assert "token_type_ids" not in batch
+    with torch.no_grad():
+        a, b = plain(**batch), ours(**batch)
+    assert torch.allclose(a.start_logits, b.start_logits, atol=1e-5)
+    assert torch.allclose(a.end_logits, b.end_logits, atol=1e-5)
