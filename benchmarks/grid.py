@@ -159,21 +159,36 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     todo = cells(recipe, out, set(filter(None, args.only.split(","))))
-    # glibc's allocator settings of the README's speed note: big tensors are not mapped afresh every step
-    env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", **os.environ,
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = bench_env()
     pending = [c for c in todo if not c.done]
     print(f"{len(todo)} cells, {len(todo) - len(pending)} done, {len(pending)} to run in {out}", flush=True)
     if args.dry_run:
         for c in pending:
             print(" ".join(command(c, recipe, args.data_dir)))
         return 0
+    failed = run_cells(pending, lambda c: command(c, recipe, args.data_dir), args.workers, env,
+                       lambda: write_results(todo, recipe, out))
+    print(write_results(todo, recipe, out))
+    return 1 if failed else 0
+
+
+def bench_env() -> dict:
+    """One thread per process, offline, and glibc's allocator settings of the README's speed note (big tensors
+    are not mapped afresh every step)."""
+    return {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", **os.environ,
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_cells(pending: list, make_command, workers: int, env: dict, on_done) -> set[Path]:
+    """Run `pending` cells as `workers` side-by-side processes, each after the runs in its `after`; calls
+    `on_done()` after every finished cell (the results tables). Returns the run directories that failed."""
+    pending = list(pending)
     running: dict[subprocess.Popen, tuple[Cell, float]] = {}
     failed: set[Path] = set()
     while pending or running:
         for c in list(pending):
-            if len(running) >= args.workers:
+            if len(running) >= workers:
                 break
             if any(a in failed for a in c.after):
                 pending.remove(c)
@@ -183,8 +198,7 @@ def main() -> int:
                 pending.remove(c)
                 c.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 log = open(c.run_dir.parent / f"{c.label}.log", "a")
-                running[subprocess.Popen(command(c, recipe, args.data_dir), stdout=log, stderr=log, env=env)] = \
-                    (c, time.time())
+                running[subprocess.Popen(make_command(c), stdout=log, stderr=log, env=env)] = (c, time.time())
                 print(f"start {c.run_dir}", flush=True)
         time.sleep(5)
         for proc in [q for q in running if q.poll() is not None]:
@@ -193,13 +207,12 @@ def main() -> int:
             if status != "done":
                 failed.add(c.run_dir)
             print(f"{status} {c.run_dir} in {(time.time() - started) / 60:.1f} min", flush=True)
-            write_results(todo, recipe, out)
+            on_done()
         if not running and pending and all(any(not (a / "metrics.json").is_file() for a in c.after)
                                            for c in pending):
             print("the remaining cells wait for runs that did not finish", flush=True)
             break
-    print(write_results(todo, recipe, out))
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":

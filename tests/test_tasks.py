@@ -55,7 +55,7 @@ def glue(tmp_path):
 # ---------------------------------------------------------------------------------------------- specs
 
 def test_registry_has_the_nine_glue_tasks_and_aliases():
-    assert sorted(list_tasks()) == sorted(["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"])
+    assert sorted(list_tasks()) == sorted(["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad"])
     assert get_task("SST-2") is get_task("sst2") is get_task("Sst2")
     assert get_task("sts-b").name == "stsb"
     assert get_task("STSB").is_regression and get_task("stsb").num_labels == 1

@@ -320,7 +320,8 @@ def task_head_names(model: nn.Module) -> list[str]:
     """Parameters of the modules the task class adds around its base model (its own head module).
 
     For BERT that is `classifier`, for DistilBERT `pre_classifier` + `classifier`, GPT-2 / Llama `score`,
-    BART / T5 `classification_head`, DeBERTa `pooler` + `classifier`. An override's "head" lists top-level
+    BART / T5 `classification_head`, DeBERTa `pooler` + `classifier`; for question answering (every family's
+    `…ForQuestionAnswering`) the span head `qa_outputs` (ModernBERT's `head` + `classifier`). An override's "head" lists top-level
     module names instead.
     """
     over = overrides_for(getattr(getattr(model, "config", None), "model_type", None))
@@ -328,7 +329,10 @@ def task_head_names(model: nn.Module) -> list[str]:
     if "head" in over:
         return [n for n, _ in model.named_parameters() if n.split(".")[0] in over["head"]]
     if not prefix:
-        return []  # a bare base model has no task head
+        # a task class that holds the base model's parts itself (T5ForQuestionAnswering: shared, encoder,
+        # decoder, qa_outputs) has no base-model prefix; its head is its top-level head module. A bare base
+        # model has none.
+        return [n for n, _ in model.named_parameters() if n.split(".")[0] in TASK_HEAD_MODULES]
     return [n for n, _ in model.named_parameters() if not n.startswith(prefix + ".")]
 
 
@@ -365,6 +369,8 @@ def describe(model: nn.Module) -> Arch:
 _LAYER_NAME = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 _EMBED_PARTS = {"wte", "wpe", "shared"}  # GPT-2's embeddings, the shared token embedding of BART / T5
 # Top-level modules transformers' task classes add (for diffs read without their model)
+# Heads of task classes that hold no base-model module (T5ForQuestionAnswering)
+TASK_HEAD_MODULES = ("qa_outputs", "classification_head", "classifier", "score")
 HEAD_MODULE_NAMES = {"classifier", "pre_classifier", "score", "qa_outputs", "classification_head", "lm_head",
                      "cls", "pooler", "head"}
 

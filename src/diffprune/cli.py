@@ -4,6 +4,8 @@ compose, serve.
     diffprune train --model minilm --task rte --data-dir ../shared/data/glue --method diff-pruning \
         --structured --sparsity 0.005 --output-dir runs/rte
     diffprune eval runs/rte --task rte --data-dir ../shared/data/glue
+    diffprune train --task squad --data-dir ../shared/data/squad --max-length 256 --doc-stride 128 \
+        --method lora --output-dir runs/squad      # extractive QA: EM / F1, predictions.json
     diffprune inspect runs/rte [--json]
     diffprune merge runs/rte --output merged/
     diffprune compare --task rte --data-dir ../shared/data/glue --methods full,bitfit,lora --output-dir cmp/
@@ -23,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from .commands import compose, convert, serve
+from .commands import compose, convert, diffs, serve
 from .errors import DiffpruneError
 
 
@@ -46,10 +48,12 @@ class UsageError(Exception):
 
 
 def add_task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--task", help="GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli) or a name for "
-                                  "--train-file data", required=False)
-    p.add_argument("--data-dir", help="GLUE-layout data folder (default: the hub through `datasets`)")
-    p.add_argument("--train-file", help="your own CSV/TSV/JSONL training file (header required)")
+    p.add_argument("--task", help="GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), squad (extractive "
+                                  "QA), or a name for --train-file data", required=False)
+    p.add_argument("--data-dir", help="GLUE-layout data folder, or for squad a folder with train.json/dev.json "
+                                      "(default: the hub through `datasets`)")
+    p.add_argument("--train-file", help="your own CSV/TSV/JSONL training file (header required); with --task "
+                                        "squad a SQuAD-format JSON file")
     p.add_argument("--dev-file", help="your own dev file, same columns")
     p.add_argument("--text-columns", help="comma-separated text column(s) of --train-file, e.g. premise,hypothesis")
     p.add_argument("--label-column", default="label", help="label column of --train-file (default: label)")
@@ -60,6 +64,16 @@ def add_task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def task_spec(args):
     from .tasks import custom_task, get_task
 
+    try:  # a registered QA task reads the user's SQuAD files; any other name is a custom table task
+        known = get_task(args.task) if args.task else None
+    except DiffpruneError:
+        known = None
+    if known is not None and known.kind == "qa" and (args.train_file or args.dev_file):
+        from .tasks.qa import squad_files
+
+        if not (args.train_file and args.dev_file):
+            raise DiffpruneError(f"your own {known.name} data needs --train-file and --dev-file together")
+        return squad_files(known, args.train_file, args.dev_file)
     if args.train_file or args.dev_file:
         if not (args.train_file and args.dev_file and args.text_columns):
             raise DiffpruneError("your own data needs --train-file, --dev-file and --text-columns together")
@@ -68,6 +82,13 @@ def task_spec(args):
     if not args.task:
         raise DiffpruneError("--task is required (a GLUE task name, or --train-file/--dev-file for your own data)")
     return get_task(args.task)
+
+
+def max_length_for(args, spec) -> int:
+    """--max-length, else the task kind's default (128 tokens for classification, 384 for QA windows)."""
+    from .tasks import task_kind
+
+    return args.max_length if args.max_length is not None else task_kind(spec).default_max_length
 
 
 def cmd_train(args) -> int:
@@ -89,7 +110,8 @@ def cmd_train(args) -> int:
         check_finite_flag(flag, value)
     metrics = train(output_dir=args.output_dir, task=spec.name, model=args.model, method=args.method, spec=spec,
                     method_options=options, data_dir=args.data_dir, batch_size=args.batch_size,
-                    max_length=args.max_length, seed=args.seed, max_train_samples=args.max_train_samples,
+                    max_length=max_length_for(args, spec), doc_stride=args.doc_stride, seed=args.seed,
+                    max_train_samples=args.max_train_samples,
                     max_eval_samples=args.max_eval_samples, resume=args.resume, overwrite=args.overwrite,
                     warmup=args.warmup, save_steps=args.save_steps, logging_steps=args.logging_steps,
                     progress=not args.no_progress, diff_dtype=args.diff_dtype)
@@ -121,106 +143,18 @@ def print_summary(output_dir: str, metrics: dict) -> None:
     print(f"task diff: {Path(output_dir) / 'diff'}   metrics: {Path(output_dir) / 'metrics.json'}")
 
 
-def cmd_eval(args) -> int:
-    from .api import load_task_model
-    from .tasks import load_task_data
-    from .train.data import tokenize
-    from .train.pipeline import TrainConfig, evaluate
-
-    from .api import check_diff_task, find_diff_dir
-    from .storage import load_diff
-
-    spec = task_spec(args)
-    diff = load_diff(find_diff_dir(args.run))
-    for warning in check_diff_task(diff, spec, args.run):
-        print(f"diffprune: warning: {warning}", file=sys.stderr)
-    model, tokenizer, diff = load_task_model(args.run, base_model=args.base_model, diff=diff)
-    data = load_task_data(spec, args.data_dir, max_train_samples=1, max_eval_samples=args.max_eval_samples,
-                          seed=args.seed)
-    max_length = diff.extra.get("max_length", 128)
-    evals = {k: tokenize(v, tokenizer, max_length, spec.is_regression) for k, v in data.evals.items()}
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(output_dir=tmp, progress=False)
-        results = evaluate(model, evals, spec, cfg, tokenizer, Path(tmp))
-    print(json.dumps(results, indent=2))
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    from .api import find_diff_dir
-    from .storage import diff_stats, load_diff
-
-    path = find_diff_dir(args.run)
-    diff = load_diff(path)
-    stats = diff_stats(diff, path)
-    if args.json:
-        print(json.dumps({"method": diff.method, "task": diff.task, "base_model": diff.base_model, **stats},
-                         indent=2, default=str))
-        return 0
-    print(f"method {diff.method}  task {diff.task}  base {diff.base_model}")
-    pct = stats.get("task_params_pct")
-    print(f"parameters stored per task {stats['task_params']:,}"
-          + (f" ({pct:.3f}% of the {stats['base_params']:,} pretrained parameters)" if pct is not None else ""))
-    if stats["sparsity"] is not None:
-        print(f"nonzeros {stats['nnz']:,} / {stats['num_diff_params']:,} diff-pruned parameters "
-              f"(sparsity {100 * stats['sparsity']:.4f}%), {stats['sparse_bytes_per_nnz'] or 0:.2f} bytes per "
-              "nonzero in the sparse part")
-    print(f"dense parameters (trained or added tensors, head included) {stats['dense_params']:,}")
-    print(f"stored bytes {stats['stored_bytes']:,}" + (f" (sparse values as {stats['value_dtype']})"
-                                                       if stats["nnz"] and stats["value_dtype"] else ""))
-    per = stats["bytes_per_nnz"] or {}
-    for part, size in stats["bytes"].items():
-        print(f"  {part:<14} {size:>12,} bytes" + (f"  {per[part]:.3f} per nonzero" if part in per else ""))
-    if stats["nnz"]:
-        print("nonzeros per layer:")
-        for group, count in stats["nnz_by_layer"].items():
-            print(f"  {group:<14} {count:>10,}")
-    if stats["dense_params"]:
-        print("dense parameters per layer:")
-        for group, count in stats["dense_params_by_layer"].items():
-            print(f"  {group:<14} {count:>10,}")
-    return 0
-
-
-def cmd_merge(args) -> int:
-    from .api import find_diff_dir
-    from .models import load_model, resolve_model_path
-    from .storage import load_diff, merge_diff
-    from .storage.apply import check_merge_output
-
-    from .methods import get_method
-
-    diff = load_diff(find_diff_dir(args.run))
-    base = args.base_model or diff.base_model
-    out = Path(args.output)
-    check_merge_output(out, base, Path(resolve_model_path(base)))  # before the slow model load
-    method = get_method(diff.method)
-    num_labels = len(diff.label_names) if diff.label_names else 1
-    model, tokenizer, _ = load_model(base, num_labels, diff.label_names)
-    model = method.attach(model, diff.config)
-    out = merge_diff(model, diff, args.output, tokenizer, fold=method.fold)
-    from .heads import pruned_heads_of
-
-    if pruned_heads_of(model.config):
-        print(f"merged model written to {out} (head-pruned: load it with diffprune.heads.load_pruned('{out}'))")
-    else:
-        print(f"merged model written to {out} (loads with AutoModelForSequenceClassification.from_pretrained)")
-    return 0
-
-
 def train_flags(args, task: str) -> list[str]:
     """The `diffprune train` flags shared by every run that `compare` or `sweep` starts for `task`."""
     flags = ["--model", args.model, "--task", task, "--batch-size", str(args.batch_size),
-             "--max-length", str(args.max_length), "--seed", str(args.seed), "--warmup", str(args.warmup)]
-    for flag, value in (("--data-dir", args.data_dir), ("--train-file", args.train_file),
+             "--seed", str(args.seed), "--warmup", str(args.warmup)]
+    for flag, value in (("--max-length", args.max_length), ("--doc-stride", args.doc_stride),
+                        ("--data-dir", args.data_dir), ("--train-file", args.train_file),
                         ("--dev-file", args.dev_file), ("--text-columns", args.text_columns),
                         ("--max-train-samples", args.max_train_samples),
                         ("--max-eval-samples", args.max_eval_samples)):
         if value is not None:
             flags += [flag, str(value)]
-    if args.train_file:
+    if args.train_file and args.text_columns:  # not SQuAD files, which have no columns
         flags += ["--label-column", args.label_column] + (["--regression"] if args.regression else [])
     return flags
 
@@ -312,7 +246,8 @@ def add_budget_args(p: argparse.ArgumentParser, set_help: str) -> None:
     p.add_argument("--epochs", type=float, default=3.0, help="total epochs per run (split over phases)")
     p.add_argument("--set", action="append", metavar="[METHOD.]KEY=VALUE", help=set_help)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, help="tokens per input (default: 128; 384 for squad)")
+    p.add_argument("--doc-stride", type=int, help="squad: tokens shared by neighbouring windows (default 128)")
     p.add_argument("--max-train-samples", type=int)
     p.add_argument("--warmup", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=42)
@@ -341,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--exclude", action="append", help="leave parameters matching this pattern frozen")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other method option")
     t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--max-length", type=int, default=128)
+    t.add_argument("--max-length", type=int, help="tokens per input (default: 128; 384 for squad's windows)")
+    t.add_argument("--doc-stride", type=int, default=128, help="squad: tokens shared by neighbouring windows of a "
+                   "long context (default 128; 0: no windows, a context that does not fit is an error)")
     t.add_argument("--max-train-samples", type=int)
     t.add_argument("--warmup", type=float, default=0.0)
     t.add_argument("--seed", type=int, default=42)
@@ -355,23 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "type, else float16; int8 is lossy; `final` metrics are those of the stored diff)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a stored task diff on a task's dev split(s)")
-    e.add_argument("run", help="run directory (or diff directory)")
-    add_task_args(e)
-    e.add_argument("--base-model", help="base model to apply the diff to (default: the one recorded)")
-    e.add_argument("--seed", type=int, default=42, help="seed of the --max-eval-samples subset (as in train)")
-    e.set_defaults(func=cmd_eval)
-
-    i = sub.add_parser("inspect", help="nonzeros, sparsity, stored bytes, nonzeros per layer")
-    i.add_argument("run")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_inspect)
-
-    m = sub.add_parser("merge", help="write a standalone model with the diff merged in")
-    m.add_argument("run")
-    m.add_argument("--output", required=True)
-    m.add_argument("--base-model")
-    m.set_defaults(func=cmd_merge)
+    diffs.add_parser(sub)  # eval, inspect, merge: parsers and handlers in commands/diffs.py
     c = sub.add_parser("compare", help="train (or reuse) several methods on one task; table, CSV and plot")
     c.add_argument("--model", default="minilm")
     add_task_args(c)

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import transformers
+from transformers import AutoTokenizer
 
 from .archs import task_head_names
 from .errors import DiffpruneError
@@ -75,8 +76,13 @@ def head_names_by_convention(model: nn.Module) -> list[str]:
     return task_head_names(model)
 
 
-def load_model(name: str, num_labels: int, label_names: list[str] | None = None, tokenizer: bool = True):
-    """Load a sequence-classification model (and its tokenizer) from a hub id, a directory or `minilm`.
+def load_model(name: str, num_labels: int, label_names: list[str] | None = None, tokenizer: bool = True,
+               auto_class: str = "AutoModelForSequenceClassification"):
+    """Load a task model (and its tokenizer) from a hub id, a directory or `minilm`.
+
+    `auto_class` is the transformers Auto class of the task's kind (`tasks.kinds`): sequence
+    classification by default, `AutoModelForQuestionAnswering` for QA, whose span head `qa_outputs` is then
+    the task head like any classifier.
 
     Returns (model, tokenizer, head_names). The head is whatever the checkpoint did not contain (the
     loading report's missing keys): that part is new, trained densely and stored whole by every method.
@@ -86,22 +92,24 @@ def load_model(name: str, num_labels: int, label_names: list[str] | None = None,
     """
     path = resolve_model_path(name)
     kwargs: dict = {"num_labels": num_labels}
+    qa = auto_class == "AutoModelForQuestionAnswering"
     if label_names is not None:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}
-    elif num_labels == 1:
+    elif num_labels == 1 and not qa:
         kwargs["problem_type"] = "regression"
     try:
         if Path(path).is_dir():
             kwargs["use_safetensors"] = True
         # a checkpoint whose head has another number of labels gets a new head (listed as mismatched)
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True,
-                                                                         ignore_mismatched_sizes=True, **kwargs)
+        model, info = getattr(transformers, auto_class).from_pretrained(path, output_loading_info=True,
+                                                                        ignore_mismatched_sizes=True, **kwargs)
         tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     except OSError as exc:
         raise DiffpruneError(f"could not load model '{name}': {str(exc).splitlines()[0]}") from exc
     except ValueError as exc:
-        raise DiffpruneError(f"model '{name}' has no sequence-classification head class: "
+        what = "question-answering" if qa else "sequence-classification"
+        raise DiffpruneError(f"model '{name}' has no {what} head class: "
                              f"{str(exc).splitlines()[0]}") from exc
     params = dict(model.named_parameters())
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]

@@ -95,8 +95,9 @@ def importance_sums(model: nn.Module, batches: Iterable[Mapping], progress: bool
         with head_masks(model, masks):
             total = len(batches) if hasattr(batches, "__len__") else None
             for batch in tqdm(batches, total=total, desc="head importance", unit="batch", disable=not progress):
-                if "labels" not in batch:
-                    raise DiffpruneError("head importance needs batches with 'labels': it differentiates the task loss")
+                if "labels" not in batch and "start_positions" not in batch:  # classification / QA spans
+                    raise DiffpruneError("head importance needs batches with 'labels' (or QA's 'start_positions'): "
+                                         "it differentiates the task loss")
                 batch = _to_device(batch, device)
                 loss = model(**batch).loss
                 # autograd.grad, not backward(): nothing is accumulated into any .grad attribute
@@ -259,8 +260,10 @@ def _load(model_name: str, spec):
     path = resolve_model_path(model_name)
     if Path(path).is_dir() and pruned_heads_of(AutoConfig.from_pretrained(path)):
         return load_pruned(path), AutoTokenizer.from_pretrained(path)
-    labels = list(spec.label_names) if spec.label_names is not None else None
-    model, tokenizer, _ = load_model(model_name, len(labels) if labels else 1, labels)
+    from diffprune.tasks import task_kind
+
+    kind = task_kind(spec)
+    model, tokenizer, _ = load_model(model_name, auto_class=kind.auto_class, **kind.model_kwargs(spec))
     return model, tokenizer
 
 
@@ -271,12 +274,12 @@ def run_importance(model_name: str, task_spec, data_dir, output_dir, num_example
     `task_spec` is a TaskSpec or a GLUE task name. Writes importance.json, importance.safetensors and
     importance.png to `output_dir`; returns the JSON content plus the file paths. A model without a
     trained task head gets a freshly initialised one (seeded by `seed`), as in Prune-LoRA, where the
-    importance is taken before finetuning.
+    importance is taken before finetuning. For a QA task the loss is the span loss over windows of
+    `max_length` tokens that overlap by min(128, max_length // 2) tokens.
     """
     from torch.utils.data import DataLoader
 
-    from diffprune.tasks import get_task, load_task_data
-    from diffprune.train.data import collator, tokenize
+    from diffprune.tasks import get_task, load_task_data, task_kind
 
     for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -288,8 +291,9 @@ def run_importance(model_name: str, task_spec, data_dir, output_dir, num_example
     torch.manual_seed(seed)
     model, tokenizer = _load(model_name, spec)
     get_arch(model)  # fail before tokenising when the architecture is unsupported
-    dataset = tokenize(data.train, tokenizer, max_length, regression=spec.label_names is None)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator(tokenizer))
+    kind = task_kind(spec)
+    dataset = kind.train_features(data.train, tokenizer, spec, max_length, min(128, max_length // 2))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=kind.collator(tokenizer))
     start = time.perf_counter()
     sums, tokens = importance_sums(model, loader, progress=True)
     seconds = time.perf_counter() - start

@@ -152,6 +152,17 @@ def storage_section(st: dict | None) -> list[str]:
     return lines + [""]
 
 
+def scores_section(sc: dict | None) -> list[str]:
+    lines = ["## Dev scores per run (all metrics)", ""]
+    if sc is None:
+        return lines + _missing("needs finished runs with final dev metrics")
+    for task in sc["tasks"]:
+        lines += [f"**{task['task']}** ({task['split']} split; main metric {task['main_metric']}; × 100)", ""]
+        rows = [[row["name"], *[_m(row.get(m)) for m in task["metrics"]]] for row in task["rows"]]
+        lines += _table(["method", *[m.replace("_", " ") for m in task["metrics"]]], rows) + [""]
+    return lines
+
+
 def render(info: dict, tables: dict, claims: list[dict], pngs: dict[str, str]) -> str:
     lines = header(info) + claims_section(claims)
     lines += heatmap_section(tables["heatmap"], pngs.get("heatmap"))
@@ -160,4 +171,5 @@ def render(info: dict, tables: dict, claims: list[dict], pngs: dict[str, str]) -
     lines += fixed_mask_section(tables["fixed_mask"])
     lines += curves_section(tables["curves"], pngs.get("curves"))
     lines += storage_section(tables["storage"])
+    lines += scores_section(tables.get("scores"))
     return "\n".join(lines).rstrip() + "\n"

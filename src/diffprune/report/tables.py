@@ -202,7 +202,26 @@ def storage_table(runs: list[Run]) -> dict | None:
     return {"rows": rows}
 
 
+def scores_table(runs: list[Run]) -> dict | None:
+    """Every final dev metric of every run, per task (QA runs: exact match and F1; MRPC: F1 and accuracy),
+    so a task judged by more than its main metric shows all of them."""
+    per_task: dict[str, dict] = {}
+    for r in runs:
+        splits = {k: v for k, v in (r.metrics.get("final") or {}).items() if isinstance(v, dict)}
+        if not splits:
+            continue
+        split, values = next(iter(splits.items()))
+        metrics = [k for k, v in values.items() if k not in ("loss", "main") and isinstance(v, (int, float))]
+        task = per_task.setdefault(r.task, {"task": r.task, "split": split, "main_metric":
+                                            r.metrics.get("main_metric"), "metrics": [], "rows": []})
+        task["metrics"] += [m for m in metrics if m not in task["metrics"]]
+        task["rows"].append({"name": r.name, **{m: values[m] for m in metrics}})
+    for task in per_task.values():
+        task["rows"].sort(key=lambda row: row["name"])
+    return {"tasks": [per_task[t] for t in sorted(per_task)]} if per_task else None
+
+
 def build_tables(runs: list[Run]) -> dict:
     return {"heatmap": nnz_heatmap(runs), "untouched": untouched_groups(runs), "sparsity": sparsity_curve(runs),
             "fixed_mask": fixed_mask_ablation(runs), "curves": training_curves(runs),
-            "storage": storage_table(runs)}
+            "storage": storage_table(runs), "scores": scores_table(runs)}

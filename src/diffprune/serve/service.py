@@ -324,6 +324,9 @@ def load_service(diffs: str | Path, base: str | None = None, max_batch: int = 32
     for name, path in paths.items():
         diff = load_diff(path)
         check_method(diff, f"{path}")
+        if diff.extra.get("task_kind", "classification") != "classification":  # QA's span outputs need decoding
+            raise DiffpruneError(f"{path} holds a '{diff.extra['task_kind']}' task diff (task '{diff.task}'); "
+                                 "diffprune serve answers classification and regression tasks only")
         loaded[name] = (diff, path)
     bases = sorted({d.base_model for d, _ in loaded.values()})
     if base is None:

@@ -168,7 +168,7 @@ def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.Path
 
     The saved config carries id2label/label2id from the diff's label names (problem_type "regression" when
     there are none, or `extra["problem_type"]` when given), so `AutoModelForSequenceClassification
-    .from_pretrained(output_dir)` needs nothing else. On success `model` is left merged (config included),
+    .from_pretrained(output_dir)` (`AutoModelForQuestionAnswering` for a QA diff) needs nothing else. On success `model` is left merged (config included),
     ready to use; on failure it is restored and nothing is left on disk. `fold` turns a model with added
     modules (LoRA layers) into a plain one after the diff is applied (the method's `fold`).
     """
@@ -183,7 +183,9 @@ def merge_diff(model: torch.nn.Module, diff: TaskDiff, output_dir: str | os.Path
         if diff.label_names is not None:
             model.config.id2label = {i: n for i, n in enumerate(diff.label_names)}
             model.config.label2id = {n: i for i, n in enumerate(diff.label_names)}
-        problem_type = diff.extra.get("problem_type") or ("regression" if diff.label_names is None else None)
+        classification = diff.extra.get("task_kind", "classification") == "classification"  # not QA
+        problem_type = diff.extra.get("problem_type") or (
+            "regression" if diff.label_names is None and classification else None)
         if problem_type:
             model.config.problem_type = problem_type
         plain = fold(model) if fold is not None else model

@@ -259,7 +259,15 @@ def _from_hub(spec: TaskSpec, max_train, max_eval, seed) -> TaskData:
 
 def load_task_data(spec: TaskSpec, data_dir=None, max_train_samples: int | None = None,
                    max_eval_samples: int | None = None, seed: int = 0) -> TaskData:
-    """Load a task's train and eval splits.
+    """Load a task's train and eval splits, whatever its kind (the kind's own loader, `kinds.py`)."""
+    from diffprune.tasks.kinds import task_kind
+
+    return task_kind(spec).load(spec, data_dir, max_train_samples, max_eval_samples, seed)
+
+
+def load_table_task(spec: TaskSpec, data_dir=None, max_train_samples: int | None = None,
+                    max_eval_samples: int | None = None, seed: int = 0) -> TaskData:
+    """Load a classification / regression task's train and eval splits.
 
     With `data_dir`, reads data_dir/<spec.local_dir>/<file> (or data_dir/<file> when data_dir is the task
     folder itself). Without it, custom tasks read their own file paths and GLUE tasks come from the hub.
@@ -276,4 +284,4 @@ def load_task_data(spec: TaskSpec, data_dir=None, max_train_samples: int | None 
     return _from_hub(spec, max_train_samples, max_eval_samples, seed)
 
 
-__all__ = ["TaskData", "load_task_data", "read_table"]
+__all__ = ["TaskData", "load_task_data", "load_table_task", "read_table"]

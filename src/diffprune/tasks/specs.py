@@ -15,6 +15,10 @@ from pathlib import Path
 
 from diffprune.errors import DiffpruneError, unknown_name
 from diffprune.tasks.metrics import METRICS
+from diffprune.tasks.qa_metrics import QA_METRICS
+
+# the metric names each kind of task can be judged by (see `kinds.py` for the kinds themselves)
+KIND_METRICS = {"classification": tuple(METRICS), "qa": QA_METRICS}
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class TaskSpec:
             `label_names` order, floats for regression).
         skip_malformed: drop rows with the wrong number of columns instead of failing (QQP only, as
             GLUE's own reader does); otherwise such a row is an error.
+        kind: "classification" (classification or regression) or "qa" (SQuAD-format extractive question
+            answering: text_columns name the question and the context, label_column the answers); the
+            plug-in in `diffprune.tasks.kinds` that loads, tokenizes and scores the task.
     """
 
     name: str
@@ -52,11 +59,12 @@ class TaskSpec:
     train_file: str = "train.tsv"
     eval_files: dict[str, str] = field(default_factory=lambda: {"dev": "dev.tsv"})
     has_header: bool = True
-    hub: tuple[str, str] | None = None
+    hub: tuple[str, str | None] | None = None
     hub_eval_splits: dict[str, str] = field(default_factory=lambda: {"dev": "validation"})
     hub_text_columns: tuple[str, ...] = ()
     hub_label_column: str = "label"
     skip_malformed: bool = False
+    kind: str = "classification"
 
     def __post_init__(self):
         # Normalise sequences to tuples and copy the dicts so specs never share mutable state.
@@ -72,9 +80,13 @@ class TaskSpec:
         if self.label_names is not None and len(set(self.label_names)) < 2:
             raise DiffpruneError(f"task '{self.name}': a classification task needs at least 2 distinct labels, "
                                  f"got {list(self.label_names)}")
+        if self.kind not in KIND_METRICS:
+            raise unknown_name("task kind", self.kind, KIND_METRICS)
+        if self.kind != "classification" and self.label_names is not None:
+            raise DiffpruneError(f"task '{self.name}': a {self.kind} task has no label names")
         for m in self.metrics:
-            if m not in METRICS:
-                raise unknown_name("metric", m, METRICS)
+            if m not in KIND_METRICS[self.kind]:
+                raise unknown_name("metric", m, KIND_METRICS[self.kind])
         if self.main_metric not in self.metrics:
             raise DiffpruneError(f"task '{self.name}': main metric '{self.main_metric}' is not one of its "
                                  f"metrics {list(self.metrics)}")
@@ -84,15 +96,18 @@ class TaskSpec:
     def __hash__(self):
         # The dict fields make the generated hash fail; specs are immutable in practice, so hash the
         # identifying fields and keep specs usable as dict keys and cache arguments.
-        return hash((self.name, self.text_columns, self.label_column, self.label_names, self.train_file,
+        return hash((self.name, self.kind, self.text_columns, self.label_column, self.label_names, self.train_file,
                      tuple(sorted(self.eval_files.items())), self.hub))
 
     @property
     def is_regression(self) -> bool:
-        return self.label_names is None
+        return self.kind == "classification" and self.label_names is None
 
     @property
     def num_labels(self) -> int:
+        """Outputs per position of the task head: classes, 1 for regression, 2 (start, end) for QA."""
+        if self.kind == "qa":
+            return 2
         return 1 if self.label_names is None else len(self.label_names)
 
 
@@ -129,21 +144,30 @@ _GLUE: dict[str, TaskSpec] = {s.name: s for s in [
              hub=("nyu-mll/glue", "wnli"), hub_text_columns=("sentence1", "sentence2"), **_ACC),
 ]}
 
-_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "sst_2": "sst2", "sts_b": "stsb"}
+# Extractive question answering (kinds.py "qa"): `--data-dir` holds train.json / dev.json (or the official
+# train-v1.1.json / dev-v1.1.json); the hub copy is rajpurkar/squad. Scores are fractions, main: F1.
+_QA: dict[str, TaskSpec] = {s.name: s for s in [
+    TaskSpec("squad", ("question", "context"), "answers", None, ("exact_match", "f1"), "f1", "squad",
+             train_file="train.json", eval_files={"dev": "dev.json"}, hub=("rajpurkar/squad", None),
+             hub_text_columns=("question", "context"), hub_label_column="answers", kind="qa"),
+]}
+_TASKS = {**_GLUE, **_QA}
+
+_ALIASES = {"squad1.1": "squad", "squad-v1.1": "squad", "sst-2": "sst2", "sts-b": "stsb", "sst_2": "sst2", "sts_b": "stsb"}
 
 
 def list_tasks() -> list[str]:
-    """The registered GLUE task names (aliases such as "sst-2" are accepted by `get_task` too)."""
-    return list(_GLUE)
+    """The registered task names: GLUE's and SQuAD (aliases such as "sst-2" are accepted by `get_task` too)."""
+    return list(_TASKS)
 
 
 def get_task(name: str) -> TaskSpec:
-    """Look up a GLUE task by name, case-insensitively; unknown names get a "did you mean" error."""
+    """Look up a task by name, case-insensitively; unknown names get a "did you mean" error."""
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
-    if key not in _GLUE:
-        raise unknown_name("task", str(name), _GLUE)
-    return _GLUE[key]
+    if key not in _TASKS:
+        raise unknown_name("task", str(name), _TASKS)
+    return _TASKS[key]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,3 +38,30 @@ def collator(tokenizer):
         return batch
 
     return collate
+
+
+def right_padding_collator(tokenizer):
+    """Pads every batch on the right, whatever the tokenizer's padding side.
+
+    For tasks whose labels are token positions (QA's start/end): left padding (decoder tokenizers) would
+    shift every position by the padding width. Input ids are padded with the pad token, masks and token
+    types with 0; position labels are plain integers and need no padding.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def collate(features):
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {}
+        for key in features[0]:
+            values = [f[key] for f in features]
+            if key in ("input_ids", "attention_mask", "token_type_ids"):
+                fill = pad_id if key == "input_ids" else 0
+                out = torch.full((len(values), width), fill, dtype=torch.long)
+                for i, v in enumerate(values):
+                    out[i, :len(v)] = torch.as_tensor(v, dtype=torch.long)
+                batch[key] = out
+            else:
+                batch[key] = torch.as_tensor([int(v) for v in values], dtype=torch.long)
+        return batch
+
+    return collate

@@ -11,6 +11,7 @@ Output directory layout:
     OUT/metrics.json          dev metrics after each phase, the final ones (of the stored diff) under "final"
     OUT/log.jsonl             every training log record (loss, task loss, penalty, expected L0, …)
     OUT/run_config.json       the full configuration of the run
+    OUT/predictions.json      QA only: the final model's answer per dev question (id -> text, official format)
     OUT/phases/<phase>/       per-phase snapshot, metrics and (while running) Trainer checkpoints
 """
 from __future__ import annotations
@@ -37,8 +38,7 @@ from ..methods.sparse import FixedMaskMixin
 from ..models import load_model, resolve_model_path
 from ..storage import TaskDiff, load_diff, save_diff
 from ..storage.codec import as_stored, check_value_dtype, default_value_dtype
-from ..tasks import TaskSpec, compute_metrics, get_task, load_task_data
-from .data import collator, tokenize
+from ..tasks import EvalSplit, TaskSpec, compute_metrics, get_task, task_kind
 from .rundir import RunLock, check_output_dir, newest_complete_checkpoint, prepare_output_dir
 from .trainer import JsonlLogger, PhaseTrainer
 
@@ -58,6 +58,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     grad_accum: int = 1
     max_length: int = 128
+    doc_stride: int = 128        # QA: tokens shared by neighbouring windows of a long context (0: no windows)
     seed: int = 42
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -76,6 +77,8 @@ class TrainConfig:
         for key in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
             if getattr(self, key) <= 0:
                 raise DiffpruneError(f"{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if self.doc_stride < 0:
+            raise DiffpruneError(f"--doc-stride must be 0 or more, got {self.doc_stride}")
         for key in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -91,7 +94,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def training_args(cfg: TrainConfig, phase_dir: Path, epochs: float) -> TrainingArguments:
+def training_args(cfg: TrainConfig, phase_dir: Path, epochs: float,
+                  label_names: tuple[str, ...] = ("labels",)) -> TrainingArguments:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return TrainingArguments(
         output_dir=str(phase_dir / "checkpoints"), num_train_epochs=epochs,
@@ -99,7 +103,7 @@ def training_args(cfg: TrainConfig, phase_dir: Path, epochs: float) -> TrainingA
         gradient_accumulation_steps=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=1, eval_strategy="no", report_to="none",
-        seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, label_names=["labels"],
+        seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, label_names=list(label_names),
         disable_tqdm=not cfg.progress, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=("gloo" if distributed and not torch.cuda.is_available() else None),
@@ -108,20 +112,42 @@ def training_args(cfg: TrainConfig, phase_dir: Path, epochs: float) -> TrainingA
 
 
 def evaluate(model, evals: dict, spec: TaskSpec, cfg: TrainConfig, tokenizer, phase_dir: Path) -> dict:
-    """Dev metrics for every eval split: {split: {metric: value}}."""
-    def metric_fn(pred):
-        return compute_metrics(spec, pred.predictions, pred.label_ids)
+    """Dev metrics for every eval split: {split: {metric: value}}.
 
-    args = training_args(cfg, phase_dir, 1.0)
-    trainer = PhaseTrainer(model=model, args=args, data_collator=collator(tokenizer), compute_metrics=metric_fn,
+    `evals` maps a split to an `EvalSplit` (the task kind's tokenized split and scorer; what the scorer
+    leaves in its `outputs`, e.g. QA predictions, is for the caller to write) or, for classification, to a
+    tokenized dataset.
+    """
+    kind = task_kind(spec)
+    evals = {k: v if isinstance(v, EvalSplit) else
+             EvalSplit(v, lambda p, l: compute_metrics(spec, p, l)) for k, v in evals.items()}
+    current: list[EvalSplit] = []
+
+    def metric_fn(pred):
+        return current[-1].score(pred.predictions, pred.label_ids)
+
+    args = training_args(cfg, phase_dir, 1.0, kind.label_keys)
+    trainer = PhaseTrainer(model=model, args=args, data_collator=kind.collator(tokenizer), compute_metrics=metric_fn,
                            phase=None)
     trainer.remove_callback(PrinterCallback)  # results are returned (and printed by the caller), not logged
     out = {}
-    for split, dataset in evals.items():
-        result = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
+    for split, evaluation in evals.items():
+        current.append(evaluation)
+        result = trainer.evaluate(eval_dataset=evaluation.dataset, metric_key_prefix=split)
         out[split] = {k[len(split) + 1:]: v for k, v in result.items() if k.startswith(split + "_")
                       if not k.endswith(("_runtime", "_per_second", "_preparation_time"))}
     return out
+
+
+def eval_outputs(evals: dict) -> dict[str, Any]:
+    """The files the scorers of `evals` left ({file name: JSON object}); a split other than "dev" (or the
+    only one) gets its name in the file name: predictions_dev_matched.json."""
+    files = {}
+    for split, evaluation in evals.items():
+        for name, value in getattr(evaluation, "outputs", {}).items():
+            stem, dot, ext = name.rpartition(".")
+            files[name if split == "dev" or len(evals) == 1 else f"{stem}_{split}{dot}{ext}"] = value
+    return files
 
 
 def run(cfg: TrainConfig, spec: TaskSpec | None = None) -> dict:
@@ -158,19 +184,22 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
     method_cfg = make_config(method_cls, cfg.method_options)  # validates before anything slow happens
     torch.manual_seed(cfg.seed)
 
-    data = load_task_data(spec, cfg.data_dir, cfg.max_train_samples, cfg.max_eval_samples, cfg.seed)
-    model, tokenizer, head = load_model(cfg.model, spec.num_labels, list(spec.label_names or []) or None)
+    kind = task_kind(spec)
+    data = kind.load(spec, cfg.data_dir, cfg.max_train_samples, cfg.max_eval_samples, cfg.seed)
+    model, tokenizer, head = load_model(cfg.model, auto_class=kind.auto_class, **kind.model_kwargs(spec))
     limit = max_positions(model.config)
     if limit is not None and cfg.max_length > limit:
         raise DiffpruneError(f"--max-length {cfg.max_length} is beyond the {limit} positions of model "
                              f"'{cfg.model}'; use --max-length {limit} or less")
     base_params = sum(p.numel() for n, p in model.named_parameters() if n not in set(head))
     method = method_cls(method_cfg, model, head)  # checks --include/--exclude against the model
+    # tokenized before anything is written: a context that fits no window is a mistake of the input
+    train_ds = kind.train_features(data.train, tokenizer, spec, cfg.max_length, cfg.doc_stride)
+    evals = {k: kind.eval_split(v, tokenizer, spec, cfg.max_length, cfg.doc_stride) for k, v in data.evals.items()}
     if main:  # only now, so a mistake above leaves nothing behind
         prepare_output_dir(out, cfg, lock, data_files)
-    train_ds = tokenize(data.train, tokenizer, cfg.max_length, spec.is_regression)
-    evals = {k: tokenize(v, tokenizer, cfg.max_length, spec.is_regression) for k, v in data.evals.items()}
-    method.prepare(train_ds, collator(tokenizer))
+    collate = kind.collator(tokenizer)
+    method.prepare(train_ds, collate)
     base_fingerprint_model = model  # sparse methods hold θ unchanged whenever a snapshot is saved
 
     def evaluate_phase(train_stats: dict, phase_dir: Path) -> dict:
@@ -178,6 +207,8 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
         phase_metrics = evaluate(method.eval_model(), evals, spec, cfg, tokenizer, phase_dir)
         phase_metrics["train"] = train_stats
         if main:
+            for name, value in eval_outputs(evals).items():  # QA's predictions.json, before the metrics
+                atomic_write_json(phase_dir / name, value)
             atomic_write_json(phase_dir / "metrics.json", phase_metrics)
             shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
         return phase_metrics
@@ -196,8 +227,9 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
             metrics["phases"][phase] = evaluate_phase(json.loads(train_file.read_text()), phase_dir)
             continue
         spec_phase = method.build_phase(phase)
-        trainer = PhaseTrainer(model=spec_phase.model, args=training_args(cfg, phase_dir, spec_phase.epochs),
-                               train_dataset=train_ds, data_collator=collator(tokenizer),
+        trainer = PhaseTrainer(model=spec_phase.model,
+                               args=training_args(cfg, phase_dir, spec_phase.epochs, kind.label_keys),
+                               train_dataset=train_ds, data_collator=collate,
                                callbacks=[JsonlLogger(out / "log.jsonl", phase)], phase=spec_phase,
                                warmup_fraction=cfg.warmup)
         checkpoint = newest_complete_checkpoint(phase_dir / "checkpoints", remove=main) if cfg.resume else None
@@ -237,6 +269,10 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
         from ..storage import diff_stats
 
         stats = diff_stats(load_diff(out / "diff"), out / "diff")
+        last_dir = out / "phases" / last_phase
+        for file in sorted(last_dir.glob("predictions*.json")):  # QA: the final predictions, next to the metrics
+            shutil.copyfile(file, out / f".{file.name}.tmp")
+            os.replace(out / f".{file.name}.tmp", out / file.name)
         metrics["final"] = {split: vals for split, vals in final.items() if split != "train"}
         metrics["main_metric"] = spec.main_metric
         metrics["storage"] = {k: stats[k] for k in ("nnz", "num_diff_params", "sparsity", "stored_bytes",
@@ -266,6 +302,9 @@ def finish_diff(diff: TaskDiff, cfg: TrainConfig, spec: TaskSpec, base_params: i
     diff.label_names = list(spec.label_names) if spec.label_names else None
     diff.extra.setdefault("num_labels", spec.num_labels)
     diff.extra["max_length"] = cfg.max_length
+    diff.extra["task_kind"] = spec.kind
+    if spec.kind == "qa":
+        diff.extra["doc_stride"] = cfg.doc_stride
     return diff
 
 
