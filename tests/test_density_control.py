@@ -24,6 +24,16 @@ def test_schedule_holds_then_falls_cubically_then_stays_at_the_target():
         DensitySchedule(0.01, hold=0.5, reach=0.5)
 
 
+def test_lr_scale_is_geometric_in_the_density_from_1_to_its_end_value():
+    s = DensitySchedule(0.01, hold=0.2, reach=0.6)
+    assert s.lr_scale(0.1, 10.0) == 1.0  # density 1: the plain learning rate
+    assert s.lr_scale(0.6, 10.0) == pytest.approx(10.0) and s.lr_scale(0.9, 10.0) == pytest.approx(10.0)
+    # density 0.1 = t^(1/2) gives end^(1/2); find the progress where ρ_s = 0.1 from the cubic by hand
+    x = 1 - ((0.1 - 0.01) / 0.99) ** (1 / 3)
+    assert s.lr_scale(0.2 + 0.4 * x, 10.0) == pytest.approx(10.0 ** 0.5)
+    assert DensitySchedule(1.0).lr_scale(0.9, 10.0) == 1.0
+
+
 def test_gate_shift_is_proportional_in_logit_space_and_bounded():
     schedule = DensitySchedule(0.1, hold=0.5, reach=1.0)
     shift = GateShift(schedule, max_step=0.3, gain=0.5)

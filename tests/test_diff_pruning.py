@@ -198,9 +198,30 @@ def test_group_schedule_hold_gives_zero_then_the_schedule():
     linear = group_lambda("linear", warmup=0, total=10, hold=2)
     assert [linear(s) for s in (0, 1, 2, 5, 9)] == [0.0, 0.0, 0.8, 0.5, 0.1]
     assert group_lambda("linear", 2, 10)(0) == 0.5  # no hold: the warmup as before
+    scaled = group_lambda("linear", warmup=0, total=10, hold=2, scale=lambda p: 1 + 10 * p)
+    assert [scaled(s) for s in (0, 2, 5)] == pytest.approx([0.0, 0.8 * 3.0, 0.5 * 6.0])
     cls = get_method("diff-pruning")
     with pytest.raises(DiffpruneError, match="alpha_hold"):
         make_config(cls, {"alpha_hold": 1.0})
+
+
+def test_target_mode_raises_w_lr_with_the_closing_gates_to_the_fixed_mask_rate():
+    from diffprune.train.trainer import group_lambda
+
+    model = make_tiny("bert")
+    head = [n for n, _ in model.named_parameters() if n.startswith("classifier")]
+    cls = get_method("diff-pruning")
+    for options, end in (({}, 10 * 5e-5), ({"fixed_lr": 2e-4}, 2e-4)):
+        spec = cls(make_config(cls, {"sparsity": 0.01, **options}), model, head).build_phase("l0")
+        spec.plan(100)
+        diff = next(g for g in spec.groups if g.name == "diff")
+        rate = group_lambda(diff.schedule, 0, 100, 0, diff.scale)
+        assert rate(0) * diff.lr == pytest.approx(5e-5)  # gates held open: the plain rate
+        assert rate(80) * diff.lr == pytest.approx(end)  # density t reached: the fixed-mask rate
+    for options in ({"l0_lambda": 1e-7}, {"lr_follows_density": False}):  # the paper's schedule
+        spec = cls(make_config(cls, options), model, head).build_phase("l0")
+        diff = next(g for g in spec.groups if g.name == "diff")
+        assert diff.scale is None and diff.schedule == "linear"
 
 
 @pytest.mark.parametrize("structured", [False, True])

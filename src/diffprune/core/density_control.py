@@ -48,6 +48,14 @@ class DensitySchedule:
         x = min(1.0, (progress - self.hold) / (self.reach - self.hold))
         return self.target + (1.0 - self.target) * (1.0 - x) ** 3
 
+    def lr_scale(self, progress: float, end: float) -> float:
+        """A learning-rate multiplier that follows the density: 1 at ρ_s = 1, `end` at ρ_s = t, and
+        end^(log ρ_s / log t) in between (geometric in the density: the share of the dense update each
+        surviving entry has to carry grows as the others close)."""
+        if self.target >= 1.0:
+            return 1.0
+        return float(end) ** (math.log(self(progress)) / math.log(self.target))
+
     def ramp_share(self) -> float:
         """Share of the phase over which the density falls (what the α learning rate must cover)."""
         return self.reach - self.hold

@@ -43,6 +43,9 @@ class ParamGroup:
     # α is left out: the penalty's gradient over millions of gates would dominate the norm, and clipping
     # would then shrink the task gradients of w and the head with it
     clip: bool = True
+    # an extra learning-rate multiplier as a function of the share of the phase done, in [0, 1], applied on
+    # top of `schedule` and `hold` (Diff Pruning raises w's rate as its gates close)
+    scale: Callable[[float], float] | None = None
 
 
 @dataclass

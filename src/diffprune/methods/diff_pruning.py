@@ -52,6 +52,11 @@ class DiffPruningConfig(MethodConfig):
     # to t by `target_reach`, and the rest of the phase re-fits w at density t.
     target_hold: float = 0.25
     target_reach: float = 0.75
+    # Target mode: w's learning rate rises with the closing gates, geometrically in the density, from lr to
+    # the fixed-mask phase's rate (reached with the density t) and stays there to the end of the phase (no
+    # decay: the fixed-mask phase that follows decays it), so the surviving entries can take over what the
+    # closed ones carried. False: lr with the usual linear decay, as in the paper.
+    lr_follows_density: bool = True
     # Target mode: the largest shift of the gates' α per step (None: enough to close a gate from α₀ in half
     # the density ramp, so short budgets reach t and long ones move gently).
     max_shift: float | None = None
@@ -144,7 +149,12 @@ class DiffPruning(FixedMaskMixin, Method):
             hold = c.target_hold if c.targeted else c.alpha_hold
             alpha_group = ParamGroup("alpha", alphas, c.alpha_lr or PAPER_ALPHA_LR, 0.0, schedule="constant",
                                      eps=c.alpha_eps, hold=hold, clip=False)
-            groups = [ParamGroup("diff", [source.w], c.lr, c.weight_decay), alpha_group, self.head_group()]
+            diff_group = ParamGroup("diff", [source.w], c.lr, c.weight_decay)
+            if c.targeted and c.lr_follows_density:
+                end = (c.fixed_lr or FIXED_LR_FACTOR * c.lr) / c.lr
+                diff_group.schedule = "constant"
+                diff_group.scale = lambda progress: schedule.lr_scale(progress, end)
+            groups = [diff_group, alpha_group, self.head_group()]
 
             def plan(steps: int) -> None:
                 # the largest shift per step lets the gates travel from α₀ to −5 (P(open) < 1%) in half

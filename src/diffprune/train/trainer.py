@@ -26,12 +26,13 @@ from ..io import atomic_write
 from ..methods.base import PhaseSpec
 
 
-def group_lambda(schedule: str, warmup: int, total: int, hold: int = 0):
-    """LR multiplier per step: linear warmup then linear decay to 0, or constant; 0 for the first `hold` steps."""
+def group_lambda(schedule: str, warmup: int, total: int, hold: int = 0, scale=None):
+    """LR multiplier per step: linear warmup then linear decay to 0, or constant; 0 for the first `hold` steps;
+    times `scale(step / total)` when a group gives one."""
     if schedule not in ("constant", "linear"):
         raise ValueError(f"unknown schedule {schedule!r}")
 
-    def multiplier(step: int) -> float:
+    def shape(step: int) -> float:
         if step < hold:
             return 0.0
         if schedule == "constant":
@@ -40,7 +41,9 @@ def group_lambda(schedule: str, warmup: int, total: int, hold: int = 0):
             return (step + 1) / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
 
-    return multiplier
+    if scale is None:
+        return shape
+    return lambda step: shape(step) * scale(min(1.0, step / max(1, total)))
 
 
 def make_adamw(groups: list[dict]) -> torch.optim.AdamW:
@@ -86,8 +89,8 @@ class PhaseTrainer(Trainer):
         if self.lr_scheduler is None:
             optimizer = optimizer or self.optimizer
             warmup = int(math.ceil(self.warmup_fraction * num_training_steps))
-            lambdas = [group_lambda(g.schedule, warmup, num_training_steps, int(round(g.hold * num_training_steps)))
-                       for g in self.phase.groups if g.params]
+            lambdas = [group_lambda(g.schedule, warmup, num_training_steps, int(round(g.hold * num_training_steps)),
+                                    g.scale) for g in self.phase.groups if g.params]
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return self.lr_scheduler
 
