@@ -137,6 +137,7 @@ def test_sparse_baselines_phases_and_roundtrip(name, arch, tmp_path):
 
     fm = method.build_phase("fixed_mask")
     assert [g.name for g in fm.groups] == ["diff", "head"]
+    assert fm.groups[0].lr == pytest.approx(method.config.lr / 0.02 ** 0.5)  # default: lr / √t
     assert n_trainable(fm) == k + sum(model.get_parameter(n).numel() for n in head)
     losses = steps(fm, batch)
     assert losses[-1] < losses[0]

@@ -29,7 +29,7 @@ from ..core.projection import project_l0
 from ..errors import DiffpruneError
 from ..sparse_model import DeltaModel, layout_for, select_parameters
 from .base import Method, MethodConfig, ParamGroup, PhaseSpec, register
-from .sparse import FIXED_LR_FACTOR, FixedMaskMixin
+from .sparse import FixedMaskMixin, default_fixed_lr
 
 PAPER_ALPHA_LR = 0.1  # the paper's constant AdamW learning rate of α
 L0_STATE_FILE = "l0_state.safetensors"
@@ -74,8 +74,8 @@ class DiffPruningConfig(MethodConfig):
     alpha_init: float = 5.0     # α₀: sigmoid(5)·3 − 1.5 > 1, so every gate starts fully open
     left: float = -1.5          # l, the stretch interval's lower end
     right: float = 1.5          # r, its upper end
-    # Learning rate of the fixed-mask phase. None: 10 × lr, since each kept entry must carry the update that
-    # dense finetuning spreads over ~1/t entries (shared with the other sparse methods, `sparse.py`).
+    # Learning rate of the fixed-mask phase. None: lr / √t, so that the kept entries' Adam steps have the
+    # norm dense finetuning's have (shared with the other sparse methods: `sparse.default_fixed_lr`).
     fixed_lr: float | None = None
     include: list[str] = field(default_factory=list)  # patterns of parameters to diff-prune (default: all)
     exclude: list[str] = field(default_factory=list)  # patterns to leave frozen
@@ -151,7 +151,7 @@ class DiffPruning(FixedMaskMixin, Method):
                                      eps=c.alpha_eps, hold=hold, clip=False)
             diff_group = ParamGroup("diff", [source.w], c.lr, c.weight_decay)
             if c.targeted and c.lr_follows_density:
-                end = (c.fixed_lr or FIXED_LR_FACTOR * c.lr) / c.lr
+                end = (c.fixed_lr or default_fixed_lr(c.lr, c.sparsity)) / c.lr
                 diff_group.schedule = "constant"
                 diff_group.scale = lambda progress: schedule.lr_scale(progress, end)
             groups = [diff_group, alpha_group, self.head_group()]
@@ -186,7 +186,7 @@ class DiffPruning(FixedMaskMixin, Method):
             return PhaseSpec("l0", self.delta_model, groups, c.l0_epochs, penalty=penalty, stats=stats,
                              checkpoint_prefixes=(DeltaModel.SOURCE,))
         if phase == "fixed_mask":
-            return self.fixed_mask_phase(c.fixed_lr or FIXED_LR_FACTOR * c.lr, c.epochs)
+            return self.fixed_mask_phase(c.fixed_lr or default_fixed_lr(c.lr, c.sparsity), c.epochs)
         raise ValueError(phase)
 
     def l0_weight(self, progress: float) -> float:

@@ -23,14 +23,14 @@ from ..core.projection import project_l0
 from ..sparse_model import DeltaModel, layout_for, select_parameters
 from ..storage import TaskDiff
 from .base import Method, MethodConfig, ParamGroup, PhaseSpec, register
-from .sparse import FIXED_LR_FACTOR, FixedMaskMixin
+from .sparse import FixedMaskMixin, default_fixed_lr
 
 
 @dataclass
 class SparseFromFinetuneConfig(MethodConfig):
     sparsity: float = 0.005        # t: share of the diff-prunable entries kept, in (0, 1]
     finetune_epochs: float = 3.0   # epochs of the full finetuning phase (`epochs` is the fixed-mask phase)
-    fixed_lr: float | None = None  # learning rate of the fixed-mask phase (None: FIXED_LR_FACTOR × lr)
+    fixed_lr: float | None = None  # fixed-mask learning rate (None: lr / √sparsity, sparse.default_fixed_lr)
     include: list[str] = field(default_factory=list)  # patterns of parameters to diff-prune (default: all)
     exclude: list[str] = field(default_factory=list)  # patterns to leave frozen
 
@@ -71,7 +71,7 @@ class SparseFromFinetune(FixedMaskMixin, Method):
             groups = [ParamGroup("body", body, c.lr, c.weight_decay), self.head_group()]
             return PhaseSpec(phase, self.model, [g for g in groups if g.params], c.finetune_epochs)
         if phase == "fixed_mask":
-            return self.fixed_mask_phase(c.fixed_lr or FIXED_LR_FACTOR * c.lr, c.epochs)
+            return self.fixed_mask_phase(c.fixed_lr or default_fixed_lr(c.lr, c.sparsity), c.epochs)
         raise ValueError(phase)
 
     @torch.no_grad()
