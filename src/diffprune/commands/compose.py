@@ -46,8 +46,7 @@ def _weights(text: str | None) -> list[float] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import find_diff_dir
-    from ..models import load_model
+    from ..api import find_diff_dir, load_base_for_diff
     from ..storage import diff_stats, load_diff, save_diff
     from ..storage.compose import check_composable, compose_diffs
 
@@ -71,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
     check_composable(diffs, **options)  # everything that needs no model, before loading one
 
     base = args.base_model or diffs[0].base_model
-    first = diffs[head_from if head_from is not None else 0]
-    model, _, _ = load_model(base, len(first.label_names) if first.label_names else 1, first.label_names)
+    model, _, _ = load_base_for_diff(None, base, diffs[head_from if head_from is not None else 0])
     result = compose_diffs(diffs, seed=args.seed, base_model=model, **options)
     result.base_model = base  # the model it was checked and fingerprinted on
     dtypes = {d.value_dtype for d in diffs}

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DiffpruneError
-from ..storage import TaskSwitcher, diff_stats, load_diff
+from ..storage import TaskSwitcher, load_diff
 from ..storage.format import TaskDiff
 from ..storage.switch import check_method
 
@@ -191,7 +191,7 @@ class Service:
 
     def run_batch(self, name: str, pairs: list[tuple[str, str | None]]) -> list[dict]:
         """Switch to `name` once and predict every pair, `max_batch` at a time (worker thread only)."""
-        from ..train.data import CHARS_PER_TOKEN
+        from ..train.data import encode_texts
 
         task = self.tasks[name]
         if self.switcher.active != name:
@@ -199,14 +199,15 @@ class Service:
             self.counters["switches"] += 1
         self.counters["batches"] += 1
         self.counters["inputs"] += len(pairs)
-        limit = CHARS_PER_TOKEN * task.max_length
+        device = next(self.model.parameters()).device
         out: list[dict] = []
         for start in range(0, len(pairs), self.max_batch):
             chunk = pairs[start:start + self.max_batch]
-            features = [self.tokenizer(a[:limit] if a else a, (b[:limit] if b else b) if b is not None else None,
-                                       truncation=True, max_length=task.max_length) for a, b in chunk]
+            features = [encode_texts(self.tokenizer, task.max_length, [a], None if b is None else [b])
+                        for a, b in chunk]
+            features = [{k: v[0] for k, v in f.items()} for f in features]
             batch = self.tokenizer.pad(features, return_tensors="pt")
-            batch = {k: v.to(next(self.model.parameters()).device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in batch.items()}
             with torch.inference_mode():
                 logits = self.model(**batch).logits.float().cpu()
             out.extend(predictions(logits, task.labels))
@@ -312,7 +313,7 @@ class Batcher:
 def load_service(diffs: str | Path, base: str | None = None, max_batch: int = 32, max_length: int | None = None,
                  max_inputs: int = 256, max_body_bytes: int = 1 << 20, check_fingerprint: bool = True) -> Service:
     """Load the base once and every task diff under `diffs` (checked before the model is loaded)."""
-    from ..models import load_model
+    from ..api import diff_kind, load_base_for_diff
     from ..train.pipeline import max_positions
 
     for flag, value in (("--max-batch", max_batch), ("--max-inputs", max_inputs), ("--max-length", max_length),
@@ -324,8 +325,8 @@ def load_service(diffs: str | Path, base: str | None = None, max_batch: int = 32
     for name, path in paths.items():
         diff = load_diff(path)
         check_method(diff, f"{path}")
-        if diff.extra.get("task_kind", "classification") != "classification":  # QA's span outputs need decoding
-            raise DiffpruneError(f"{path} holds a '{diff.extra['task_kind']}' task diff (task '{diff.task}'); "
+        if diff_kind(diff) != "classification":  # QA's span outputs need decoding
+            raise DiffpruneError(f"{path} holds a '{diff_kind(diff)}' task diff (task '{diff.task}'); "
                                  "diffprune serve answers classification and regression tasks only")
         loaded[name] = (diff, path)
     bases = sorted({d.base_model for d, _ in loaded.values()})
@@ -335,7 +336,7 @@ def load_service(diffs: str | Path, base: str | None = None, max_batch: int = 32
                                  "with --base (diffs of another base are refused by their fingerprint)")
         base = bases[0]
     first = next(iter(loaded.values()))[0]
-    model, tokenizer, _ = load_model(base, len(first.label_names) if first.label_names else 1, first.label_names)
+    model, tokenizer, _ = load_base_for_diff(None, base, first)
     model.eval()
     limit = max_positions(model.config)
     switcher = TaskSwitcher(model)

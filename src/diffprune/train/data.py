@@ -7,16 +7,25 @@ import torch
 CHARS_PER_TOKEN = 64  # text kept per token of max_length before tokenizing
 
 
+def encode_texts(tokenizer, max_length: int, texts_a: list, texts_b: list | None = None):
+    """The tokenizer's encoding of texts (or text pairs), truncated to `max_length`, unpadded.
+
+    A token is rarely more than a few characters, so cutting each text to 64 characters per kept token
+    changes nothing, and a 20 MB line is not tokenized whole before truncation (gigabytes of memory).
+    Training, evaluation and `diffprune serve` all encode through here, so a served input is encoded as
+    evaluation encodes it.
+    """
+    limit = CHARS_PER_TOKEN * max_length
+    texts = [[t[:limit] if t else t for t in column] for column in (texts_a, texts_b) if column is not None]
+    return tokenizer(*texts, truncation=True, max_length=max_length)
+
+
 def tokenize(dataset: datasets.Dataset, tokenizer, max_length: int, regression: bool) -> datasets.Dataset:
     """input_ids / attention_mask (/ token_type_ids) and `labels`; padding happens per batch."""
     pair = "text_b" in dataset.column_names
-    limit = CHARS_PER_TOKEN * max_length
 
     def encode(batch):
-        # A token is rarely more than a few characters, so cutting each text to 64 characters per kept token
-        # changes nothing, and a 20 MB line is not tokenized whole before truncation (gigabytes of memory).
-        texts = tuple([t[:limit] if t else t for t in batch[c]] for c in (("text_a", "text_b") if pair else ("text_a",)))
-        enc = tokenizer(*texts, truncation=True, max_length=max_length)
+        enc = encode_texts(tokenizer, max_length, batch["text_a"], batch["text_b"] if pair else None)
         enc["labels"] = [float(x) for x in batch["label"]] if regression else [int(x) for x in batch["label"]]
         return enc
 
