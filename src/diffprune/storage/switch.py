@@ -87,20 +87,23 @@ class _Task:
         return seg.index[start:end] - offset, seg.base[start:end]
 
 
-# methods whose stored tensors all name parameters of the plain base model
-TAKEN_METHODS = ("diff-pruning", "non-adaptive-diff-pruning", "lt-sft", "bitfit", "last-layer", "full")
+def _adds_modules(method) -> bool:
+    """Whether a method's `attach` is its own (it adds modules), not `Method`'s default."""
+    from ..methods.base import Method
+
+    return getattr(method.attach, "__func__", None) is not Method.attach.__func__
 
 
 def check_method(diff: TaskDiff, where: str = "the diff") -> None:
     """Refuse diffs of methods that add modules to the base model (their `attach` is not the default)."""
     from ..methods import get_method
-    from ..methods.base import Method
+    from ..methods.base import METHODS
 
-    method = get_method(diff.method)
-    if getattr(method.attach, "__func__", None) is not Method.attach.__func__:
+    if _adds_modules(get_method(diff.method)):
+        taken = sorted(name for name, cls in METHODS.items() if not _adds_modules(cls))
         raise DiffpruneError(
             f"{where} was trained with '{diff.method}', which adds modules to the base model; task switching "
-            f"takes diffs that only change existing weights ({', '.join(TAKEN_METHODS)}). Merge this run with "
+            f"takes diffs that only change existing weights ({', '.join(taken)}). Merge this run with "
             "'diffprune merge' and serve the merged model on its own")
 
 
