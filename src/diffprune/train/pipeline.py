@@ -259,9 +259,11 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
     final = metrics["phases"][last_phase]
     # only the sparse methods store sparse values (the others' export would copy every trained tensor for nothing)
     rounded = stored_form(method.export(), value_dtype) if isinstance(method, FixedMaskMixin) else None
+    final_outputs = None  # None: the last phase's own files (QA predictions) are the final ones
     if rounded is not None:  # the stored values differ from the trained float32 ones: evaluate what is stored
         method.restore(rounded)
         final = evaluate(method.eval_model(), evals, spec, cfg, tokenizer, out / "phases" / last_phase)
+        final_outputs = eval_outputs(evals)
         shutil.rmtree(out / "phases" / last_phase / "checkpoints", ignore_errors=True)
         metrics["final_float32"] = {k: v for k, v in metrics["phases"][last_phase].items() if k != "train"}
     if main:
@@ -269,10 +271,13 @@ def _run(cfg: TrainConfig, spec: TaskSpec | None, lock: RunLock) -> dict:
         from ..storage import diff_stats
 
         stats = diff_stats(load_diff(out / "diff"), out / "diff")
-        last_dir = out / "phases" / last_phase
-        for file in sorted(last_dir.glob("predictions*.json")):  # QA: the final predictions, next to the metrics
-            shutil.copyfile(file, out / f".{file.name}.tmp")
-            os.replace(out / f".{file.name}.tmp", out / file.name)
+        if final_outputs is not None:  # QA: the predictions of the stored diff, next to its metrics
+            for name, value in final_outputs.items():
+                atomic_write_json(out / name, value)
+        else:
+            for file in sorted((out / "phases" / last_phase).glob("predictions*.json")):
+                shutil.copyfile(file, out / f".{file.name}.tmp")
+                os.replace(out / f".{file.name}.tmp", out / file.name)
         metrics["final"] = {split: vals for split, vals in final.items() if split != "train"}
         metrics["main_metric"] = spec.main_metric
         metrics["storage"] = {k: stats[k] for k in ("nnz", "num_diff_params", "sparsity", "stored_bytes",
