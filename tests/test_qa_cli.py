@@ -113,13 +113,74 @@ def test_resume_restores_predictions_and_refuses_another_stride(qa_run, squad_di
         json.loads((qa_run / "metrics.json").read_text())["final"]
 
 
-def test_serve_refuses_a_qa_diff_before_loading(qa_run, tmp_path):
+def test_serve_answers_qa_beside_classification_as_eval_does(qa_run, squad_dir, tiny_model_dir, tmp_path):
+    """A folder with the QA run and a classification diff: one server, a model per task kind; concurrent
+    QA clients get the answers of the run's predictions.json (what train and eval wrote), with offsets that
+    point at them; a classification client beside them gets its own model's labels; bad QA inputs are their
+    own request's 422."""
     import shutil
+    from concurrent.futures import ThreadPoolExecutor
 
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
-    from diffprune.errors import DiffpruneError
-    from diffprune.serve.service import load_service
+    from http_server import running_server
+    from test_switch import random_diff
 
-    shutil.copytree(qa_run / "diff", tmp_path / "diffs" / "squad")
-    with pytest.raises(DiffpruneError, match="'qa' task diff.*classification and regression tasks only"):
-        load_service(tmp_path / "diffs")
+    from diffprune.models import load_model
+    from diffprune.serve.service import load_service
+    from diffprune.storage import save_diff
+
+    root = tmp_path / "diffs"
+    shutil.copytree(qa_run, root / "squad")
+    base, _, _ = load_model(str(tiny_model_dir), 2)
+    diff = random_diff(base, 3, labels=2)
+    diff.task, diff.label_names, diff.base_model = "rte", ["entailment", "not_entailment"], str(tiny_model_dir)
+    save_diff(diff, root / "rte", base)
+    service = load_service(root, max_batch=3)
+    assert sorted(service.groups) == ["classification", "qa"]
+    golds = _golds(squad_dir)
+    want = json.loads((qa_run / "predictions.json").read_text())
+    rte_model, tok, _ = load_task_model(root / "rte", base_model=str(tiny_model_dir))
+    with running_server(service) as url:
+        listing = {t["name"]: t for t in httpx.get(f"{url}/v1/tasks", timeout=30).json()["tasks"]}
+        assert listing["squad"]["kind"] == "qa" and listing["squad"]["fields"] == [["question"], ["context"]]
+        assert listing["squad"]["max_length"] == 48 and listing["squad"]["doc_stride"] == 16
+
+        def ask(qid):
+            question = next(qa["question"] for art in json.loads((squad_dir / "dev.json").read_text())["data"]
+                            for p in art["paragraphs"] for qa in p["qas"] if qa["id"] == qid)
+            body = {"inputs": [{"question": question, "context": golds[qid][1]}]}
+            return qid, httpx.post(f"{url}/v1/tasks/squad/predict", json=body, timeout=60)
+
+        def classify(text):
+            return text, httpx.post(f"{url}/v1/tasks/rte/predict", timeout=60,
+                                    json={"inputs": [{"text": text, "text_pair": "anna lives in rome"}]})
+
+        with ThreadPoolExecutor(6) as pool:
+            qa_jobs = [pool.submit(ask, q) for q in sorted(want)]
+            cls_jobs = [pool.submit(classify, t) for t in ("where is anna", "boris bakes", "clara flies")]
+            for job in qa_jobs:
+                qid, response = job.result()
+                assert response.status_code == 200, response.text
+                pred = response.json()["predictions"][0]
+                assert pred["answer"] == want[qid]
+                if pred["answer"]:
+                    assert golds[qid][1][pred["start"]:pred["end"]] == pred["answer"]
+                    assert 0.0 < pred["score"] <= 1.0
+            for job in cls_jobs:
+                text, response = job.result()
+                enc = tok(text, "anna lives in rome", return_tensors="pt")
+                with torch.no_grad():
+                    probs = rte_model(**enc).logits[0].softmax(-1)
+                pred = response.json()["predictions"][0]
+                assert pred["label"] == ["entailment", "not_entailment"][int(probs.argmax())]
+                assert pred["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+        for item, words in (({"question": "who?"}, 'non-empty "context"'),
+                            ({"question": "who?", "context": "   "}, 'non-empty "context"'),
+                            ({"question": "who?", "context": 3}, "must be a string"),
+                            ({"text": "who?"}, "unknown field"),
+                            ({"question": "who " * 60, "context": "anna lives in rome."}, "context tokens per window")):
+            bad = httpx.post(f"{url}/v1/tasks/squad/predict", json={"inputs": [item]}, timeout=30)
+            assert bad.status_code == 422 and words in bad.json()["error"]["message"], bad.text
+        assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"

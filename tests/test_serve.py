@@ -12,12 +12,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from http_server import running_server
 from run_inputs import data_dir, src_path, trained  # noqa: F401  (fixtures)
 from test_switch import random_diff
 
@@ -29,7 +29,6 @@ from diffprune.api import load_task_model  # noqa: E402
 from diffprune.cli import main  # noqa: E402
 from diffprune.models import load_model  # noqa: E402
 from diffprune.serve import load_service  # noqa: E402
-from diffprune.serve.app import create_app  # noqa: E402
 from diffprune.storage import save_diff  # noqa: E402
 from diffprune.errors import DiffpruneError  # noqa: E402
 
@@ -61,19 +60,8 @@ def diffs_root(tmp_path_factory, tiny_model_dir, trained):  # noqa: F811
 @pytest.fixture(scope="module")
 def server(diffs_root, tiny_model_dir):
     service = load_service(diffs_root, str(tiny_model_dir), max_batch=4, max_inputs=8, max_body_bytes=4096)
-    srv = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", service
-    srv.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with running_server(service) as url:
+        yield url, service
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +158,14 @@ def test_tasks_and_health(server, diffs_root):
     assert tasks["rte"]["num_texts"] == 2 and tasks["toy"]["num_texts"] is None
     assert tasks["rte"]["fields"] == [["text", "sentence1"], ["text_pair", "sentence2"]]
     for name, task in tasks.items():
-        assert task["nonzeros"] == service.switcher.diff(name).nnz > 0
-        assert task["resident_bytes"] == service.switcher.nbytes(name)
+        switcher = service.tasks[name].group.switcher
+        assert task["kind"] == "classification"
+        assert task["nonzeros"] == switcher.diff(name).nnz > 0
+        assert task["resident_bytes"] == switcher.nbytes(name)
         assert task["stored_bytes"] > 0
-    assert listing["memory"]["base_bytes"] == sum(p.numel() * 4 for p in service.model.parameters())
+    model = service.groups["classification"].model
+    assert listing["memory"]["base_bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    assert listing["memory"]["base_copies"] == 1
     health = httpx.get(f"{url}/health", timeout=30).json()
     assert health["status"] == "ok" and health["tasks"] == 4
 
@@ -269,7 +261,7 @@ def test_the_serve_command_runs_a_server(diffs_root, tiny_model_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded machine takes minutes to import torch and load
         while time.time() < deadline and proc.poll() is None:
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:

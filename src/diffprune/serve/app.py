@@ -6,6 +6,8 @@
          → {"task": "rte", "predictions": [{"label": "entailment", "score": 0.91,
                                             "scores": {"entailment": 0.91, "not_entailment": 0.09}}, …]}
            (regression tasks: [{"value": 3.8}, …])
+         question answering: {"inputs": [{"question": "…", "context": "…"}, …]}
+         → {"task": "squad", "predictions": [{"answer": "in Paris", "start": 41, "end": 49, "score": 0.62}, …]}
 
 Besides text / text_pair, an input may name its texts by the task's own columns (RTE: sentence1 /
 sentence2, QQP: question1 / question2, MNLI: premise / hypothesis, …; `GET /v1/tasks` lists them). Every
@@ -86,13 +88,13 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "tasks": len(service.tasks), "active": service.switcher.active,
+        return {"status": "ok", "tasks": len(service.tasks), "active": service.active,
                 **service.counters}
 
     @app.get("/v1/tasks")
     async def tasks():
         return {"base": service.base, "memory": service.memory(),
-                "tasks": [task.describe(service.switcher) for task in service.tasks.values()]}
+                "tasks": [task.describe() for task in service.tasks.values()]}
 
     @app.post("/v1/tasks/{task}/predict")
     async def predict(task: str, request: Request):

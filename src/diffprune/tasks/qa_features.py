@@ -109,15 +109,15 @@ def encode_windows(tokenizer, ids, questions, contexts, answer_texts, answer_sta
     return out
 
 
-def best_answers(start_logits, end_logits, windows: Windows, contexts: list[str], n_best: int = N_BEST,
-                 max_answer_length: int = MAX_ANSWER_LENGTH) -> list[str]:
-    """The predicted answer text of every question (see the module docstring); "" when a question has no
-    valid span in any window. Logit rows may be longer than their window (batch padding): only the
-    window's own positions are looked at."""
+def best_spans(start_logits, end_logits, windows: Windows, n_examples: int, n_best: int = N_BEST,
+               max_answer_length: int = MAX_ANSWER_LENGTH) -> list[tuple[float, int, int, int] | None]:
+    """Per question, the best span over all its windows as (start + end logit, window, start token, end
+    token), or None when no window has a valid span (see the module docstring). Logit rows may be longer
+    than their window (batch padding): only the window's own positions are looked at."""
     start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
     if len(start_logits) != len(windows) or len(end_logits) != len(windows):
         raise ValueError(f"{len(start_logits)} rows of logits for {len(windows)} windows")
-    best: dict[int, tuple[float, int, int, int]] = {}
+    best: list[tuple[float, int, int, int] | None] = [None] * n_examples
     for w, ex in enumerate(windows.example):
         off = windows.offsets[w]
         n = len(off)
@@ -130,13 +130,31 @@ def best_answers(start_logits, end_logits, windows: Windows, contexts: list[str]
                 if j < i or j - i + 1 > max_answer_length:
                     continue
                 score = float(s_log[i] + e_log[j])
-                if ex not in best or score > best[ex][0]:
+                if best[ex] is None or score > best[ex][0]:
                     best[ex] = (score, w, int(i), int(j))
-    answers = [""] * len(contexts)
-    for ex, (_, w, i, j) in best.items():
-        off = windows.offsets[w]
-        answers[ex] = contexts[ex][off[i, 0]:off[j, 1]]
+    return best
+
+
+def span_chars(windows: Windows, span: tuple[float, int, int, int]) -> tuple[int, int]:
+    """The [start, end) character offsets into the context of a span of `best_spans`."""
+    _, w, i, j = span
+    off = windows.offsets[w]
+    return int(off[i, 0]), int(off[j, 1])
+
+
+def best_answers(start_logits, end_logits, windows: Windows, contexts: list[str], n_best: int = N_BEST,
+                 max_answer_length: int = MAX_ANSWER_LENGTH) -> list[str]:
+    """The predicted answer text of every question, cut from its context by the offsets ("" when a question
+    has no valid span in any window)."""
+    answers = []
+    for context, span in zip(contexts, best_spans(start_logits, end_logits, windows, len(contexts), n_best,
+                                                  max_answer_length)):
+        if span is None:
+            answers.append("")
+        else:
+            a, b = span_chars(windows, span)
+            answers.append(context[a:b])
     return answers
 
 
-__all__ = ["Windows", "encode_windows", "best_answers", "N_BEST", "MAX_ANSWER_LENGTH"]
+__all__ = ["Windows", "encode_windows", "best_spans", "span_chars", "best_answers", "N_BEST", "MAX_ANSWER_LENGTH"]
