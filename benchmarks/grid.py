@@ -1,6 +1,7 @@
 """The Diff Pruning benchmark grid of benchmarks/recipe.json: methods × tasks × seeds, plus a sparsity curve.
 
     python benchmarks/grid.py --data-dir ../shared/data/glue --out OUT [--workers 2] [--only TASK,...]
+                              [--first LABEL,...]
 
 Cells, all at the recipe's budget and with the library's defaults:
 * every `grid_methods` entry on every task with the recipe's seed, and again with each `extra_seeds` seed
@@ -10,7 +11,8 @@ Cells, all at the recipe's budget and with the library's defaults:
 
 Each cell is one `diffprune train` process with OMP_NUM_THREADS=1 in OUT/<task>/s<seed>/<label>/, `--workers`
 of them side by side (one per core beats one two-thread process on 2 cores). A finished cell (metrics.json)
-is skipped and an interrupted one resumed, so re-running continues where it stopped. OUT/results.md and
+is skipped and an interrupted one resumed, so re-running continues where it stopped. `--first` runs the
+main cells of the given methods (on every task) before the rest, to have one method across all tasks early. OUT/results.md and
 OUT/results.json are rewritten after every finished cell. Prints what it runs and the table at the end.
 """
 from __future__ import annotations
@@ -153,6 +155,7 @@ def main() -> int:
     p.add_argument("--recipe", default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", default="", help="comma-separated tasks")
+    p.add_argument("--first", default="", help="comma-separated grid methods whose main cells run first")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
     recipe = recipes.load(args.recipe)
@@ -161,6 +164,13 @@ def main() -> int:
     todo = cells(recipe, out, set(filter(None, args.only.split(","))))
     env = bench_env()
     pending = [c for c in todo if not c.done]
+    first = [label for label in args.first.split(",") if label]
+    unknown = sorted(set(first) - set(recipe["grid_methods"]))
+    if unknown:
+        p.error(f"--first {','.join(unknown)}: not in the recipe's grid_methods {recipe['grid_methods']}")
+    early = [c for c in pending if not c.after and c.seed == int(recipe["seed"]) and
+             any(c.label.split("@")[0] == label for label in first)]
+    pending = early + [c for c in pending if c not in early]
     print(f"{len(todo)} cells, {len(todo) - len(pending)} done, {len(pending)} to run in {out}", flush=True)
     if args.dry_run:
         for c in pending:
