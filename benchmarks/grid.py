@@ -31,6 +31,7 @@ import recipe as recipes  # noqa: E402
 from diffprune.compare import ALIASES  # noqa: E402
 from diffprune.io import atomic_write_json, atomic_write_text  # noqa: E402
 from diffprune.report.collect import is_finished_run, load_run  # noqa: E402
+from diffprune.train.rundir import LOCK_NAME  # noqa: E402
 from diffprune.methods import get_method  # noqa: E402
 
 
@@ -190,15 +191,49 @@ def bench_env() -> dict:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
+def held_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds the run's lock (`diffprune train` holds it while it runs): a cell left
+    running by a grid that was stopped without its children, or started by hand."""
+    import fcntl
+
+    path = run_dir / LOCK_NAME
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while an exclusive lock is held
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock if it was taken
+    return False
+
+
 def run_cells(pending: list, make_command, workers: int, env: dict, on_done) -> set[Path]:
     """Run `pending` cells as `workers` side-by-side processes, each after the runs in its `after`; calls
-    `on_done()` after every finished cell (the results tables). Returns the run directories that failed."""
+    `on_done()` after every finished cell (the results tables). A cell that another process is running
+    (`held_elsewhere`) takes a worker's slot and is waited for, then counted done or resumed. Returns the run
+    directories that failed."""
     pending = list(pending)
     running: dict[subprocess.Popen, tuple[Cell, float]] = {}
     failed: set[Path] = set()
-    while pending or running:
+    elsewhere: set[Path] = set()
+    while pending or running or elsewhere:
+        for c in [c for c in pending if c.run_dir in elsewhere and not held_elsewhere(c.run_dir)]:
+            elsewhere.discard(c.run_dir)
+            if c.done:
+                pending.remove(c)
+                print(f"done {c.run_dir} (in another process)", flush=True)
+                on_done()
+        started = {c.run_dir for c, _ in running.values()}
+        for c in pending:  # all of them before starting any: each one held takes a slot
+            if c.run_dir not in elsewhere and c.run_dir not in started and held_elsewhere(c.run_dir):
+                elsewhere.add(c.run_dir)
+                print(f"wait {c.run_dir}: another process is running it", flush=True)
         for c in list(pending):
-            if len(running) >= workers:
+            if c.run_dir in elsewhere:
+                continue
+            if len(running) + len(elsewhere) >= workers:
                 break
             if any(a in failed for a in c.after):
                 pending.remove(c)
@@ -218,7 +253,7 @@ def run_cells(pending: list, make_command, workers: int, env: dict, on_done) -> 
                 failed.add(c.run_dir)
             print(f"{status} {c.run_dir} in {(time.time() - started) / 60:.1f} min", flush=True)
             on_done()
-        if not running and pending and all(any(not (a / "metrics.json").is_file() for a in c.after)
+        if not running and not elsewhere and pending and all(any(not (a / "metrics.json").is_file() for a in c.after)
                                            for c in pending):
             print("the remaining cells wait for runs that did not finish", flush=True)
             break
