@@ -4,7 +4,9 @@
     python benchmarks/squad.py --data-dir ../shared/data/squad --out OUT --measure   # speed of the QA plumbing
 
 Budget (benchmarks/recipe.json "squad"): windows of 256 tokens with a stride of 128, 2 epochs in total per
-method (two-phase methods split them evenly, as grid.py does), batch 32, the library's defaults otherwise;
+method (two-phase methods split them evenly, as grid.py does), batch 32, batches grouped by length (the
+windows run from ~100 to 256 tokens: random batches of 32 pad to 256 and carry 1.48x the tokens), the
+library's defaults otherwise;
 structured Diff Pruning at the recipe's sparsity (0.5%). Each cell is one single-thread `diffprune train`
 process in OUT/<label>/, `--workers` side by side (grid.py's scheduler); a finished cell is skipped and an
 interrupted one resumed (`--resume`). OUT/results.md and results.json (EM, F1, stored bytes, training
@@ -51,7 +53,9 @@ def cells(recipe: dict, out: Path) -> list[grid.Cell]:
 
 def command(cell: grid.Cell, recipe: dict, data_dir: str) -> list[str]:
     cmd = [a for a in grid.command(cell, recipe, data_dir) if a != "--resume"]
-    return cmd + ["--doc-stride", str(recipe["doc_stride"])] + (["--resume"] if cell.run_dir.exists() else [])
+    return cmd + ["--doc-stride", str(recipe["doc_stride"])] + \
+        (["--group-by-length"] if recipe.get("group_by_length") else []) + \
+        (["--resume"] if cell.run_dir.exists() else [])
 
 
 def results(todo: list[grid.Cell], recipe: dict, out: Path) -> str:
@@ -66,7 +70,8 @@ def results(todo: list[grid.Cell], recipe: dict, out: Path) -> str:
                      "minutes": round(sum(p["train"]["seconds"] for p in m["phases"].values()) / 60, 1)})
     lines = [f"SQuAD v1.1 (shared split, {TASK} dev: 1,988 questions), model {recipe['model']}, windows of "
              f"{recipe['max_length']} tokens with stride {recipe['doc_stride']}, {recipe['epochs']} epochs per method "
-             f"(two-phase methods split them), batch {recipe['batch_size']}, sparsity {recipe['sparsity']}.", "",
+             f"(two-phase methods split them), batch {recipe['batch_size']}"
+             f"{' grouped by length' if recipe.get('group_by_length') else ''}, sparsity {recipe['sparsity']}.", "",
              "| method | EM | F1 | stored bytes | training min |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['method']} | {100 * r['exact_match']:.1f} | {100 * r['f1']:.1f} | {r['stored_bytes']:,} | "
               f"{r['minutes']} |" for r in rows]

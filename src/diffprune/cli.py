@@ -114,7 +114,8 @@ def cmd_train(args) -> int:
                     max_train_samples=args.max_train_samples,
                     max_eval_samples=args.max_eval_samples, resume=args.resume, overwrite=args.overwrite,
                     warmup=args.warmup, save_steps=args.save_steps, logging_steps=args.logging_steps,
-                    progress=not args.no_progress, diff_dtype=args.diff_dtype)
+                    progress=not args.no_progress, diff_dtype=args.diff_dtype,
+                    group_by_length=args.group_by_length)
     if metrics.get("final") is not None:
         print_summary(args.output_dir, metrics)
     return 0
@@ -146,7 +147,8 @@ def print_summary(output_dir: str, metrics: dict) -> None:
 def train_flags(args, task: str) -> list[str]:
     """The `diffprune train` flags shared by every run that `compare` or `sweep` starts for `task`."""
     flags = ["--model", args.model, "--task", task, "--batch-size", str(args.batch_size),
-             "--seed", str(args.seed), "--warmup", str(args.warmup)]
+             "--seed", str(args.seed), "--warmup", str(args.warmup)] + \
+        (["--group-by-length"] if args.group_by_length else [])
     for flag, value in (("--max-length", args.max_length), ("--doc-stride", args.doc_stride),
                         ("--data-dir", args.data_dir), ("--train-file", args.train_file),
                         ("--dev-file", args.dev_file), ("--text-columns", args.text_columns),
@@ -241,6 +243,11 @@ def cmd_sweep(args) -> int:
     return 0 if ok else 1
 
 
+GROUP_BY_LENGTH_HELP = ("batch inputs of similar lengths (shuffled groups of them: the Trainer's length-grouped "
+                        "sampler); less padding, so faster where lengths vary, as SQuAD's windows do; changes which "
+                        "examples share a batch")
+
+
 def add_budget_args(p: argparse.ArgumentParser, set_help: str) -> None:
     """The shared budget of every run that `compare` and `sweep` start, and per-method options."""
     p.add_argument("--epochs", type=float, default=3.0, help="total epochs per run (split over phases)")
@@ -250,6 +257,8 @@ def add_budget_args(p: argparse.ArgumentParser, set_help: str) -> None:
     p.add_argument("--doc-stride", type=int, help="squad: tokens shared by neighbouring windows (default 128)")
     p.add_argument("--max-train-samples", type=int)
     p.add_argument("--warmup", type=float, default=0.0)
+    p.add_argument("--group-by-length", action="store_true",
+                   help=GROUP_BY_LENGTH_HELP)
     p.add_argument("--seed", type=int, default=42)
 
 
@@ -281,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "long context (default 128; 0: no windows, a context that does not fit is an error)")
     t.add_argument("--max-train-samples", type=int)
     t.add_argument("--warmup", type=float, default=0.0)
+    t.add_argument("--group-by-length", action="store_true",
+                   help=GROUP_BY_LENGTH_HELP)
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--save-steps", type=int, default=200)
     t.add_argument("--logging-steps", type=int, default=20)

@@ -63,6 +63,7 @@ class TrainConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     warmup: float = 0.0          # share of each phase's steps spent warming the learning rate up
+    group_by_length: bool = False  # batches of similar lengths (the Trainer's length-grouped sampler): less padding
     max_grad_norm: float = 1.0
     logging_steps: int = 20
     save_steps: int = 200
@@ -104,6 +105,7 @@ def training_args(cfg: TrainConfig, phase_dir: Path, epochs: float,
         logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=1, eval_strategy="no", report_to="none",
         seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, label_names=list(label_names),
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         disable_tqdm=not cfg.progress, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=("gloo" if distributed and not torch.cuda.is_available() else None),

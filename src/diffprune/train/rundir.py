@@ -28,7 +28,7 @@ RUN_FORMAT = "diffprune-run"
 # logging_steps, progress only change when things are written or shown).
 RESULT_KEYS = ("task", "model", "method", "method_options", "data_dir", "data_files", "seed", "batch_size",
                "eval_batch_size", "grad_accum", "max_length", "doc_stride", "max_train_samples", "max_eval_samples",
-               "warmup", "max_grad_norm")
+               "warmup", "max_grad_norm", "group_by_length")
 _UNSET = object()
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
 
