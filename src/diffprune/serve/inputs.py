@@ -129,7 +129,7 @@ class SpanInputs:
                 "answers": "a span of the context: answer, start / end character offsets, score"}
 
     def parse(self, item, i: int, task: str) -> tuple[str, str]:
-        from ..tasks.qa_features import _check_room
+        from ..tasks.qa_features import check_room
 
         _check_known(item, i, set(self.names), task, '"question": "...", "context": "..."')
         question, context = (_text_field(item, i, (n,)) for n in self.names)
@@ -138,7 +138,7 @@ class SpanInputs:
                 raise RequestError(422, f"inputs[{i}] needs a non-empty \"{name}\" (task '{task}' answers a "
                                         "question from a context)")
         try:
-            _check_room(self.tokenizer, [f"inputs[{i}]"], [question.lstrip()], self.max_length, self.doc_stride)
+            check_room(self.tokenizer, [f"inputs[{i}]"], [question.lstrip()], self.max_length, self.doc_stride)
             if self.doc_stride == 0:  # no windows: the pair must fit
                 self._windows([question], [context], [f"inputs[{i}]"])
         except DiffpruneError as exc:

@@ -45,7 +45,7 @@ class Windows:
         return len(self.example)
 
 
-def _check_room(tokenizer, ids: list[str], questions: list[str], max_length: int, doc_stride: int) -> None:
+def check_room(tokenizer, ids: list[str], questions: list[str], max_length: int, doc_stride: int) -> None:
     """Every question must leave more than `doc_stride` tokens of context per window (the tokenizer would
     fail with a message about truncation otherwise)."""
     specials = tokenizer.num_special_tokens_to_add(pair=True)
@@ -76,7 +76,7 @@ def encode_windows(tokenizer, ids, questions, contexts, answer_texts, answer_sta
         raise DiffpruneError("question answering needs a fast tokenizer (it maps answers through the offset "
                              "mapping); this model's tokenizer is a slow one")
     questions = [q.lstrip() for q in questions]  # leading spaces only waste window room
-    _check_room(tokenizer, ids, questions, max_length, doc_stride)
+    check_room(tokenizer, ids, questions, max_length, doc_stride)
     enc = tokenizer(questions, contexts, truncation="only_second", max_length=max_length, stride=doc_stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True)
     sample = enc.pop("overflow_to_sample_mapping")
@@ -157,4 +157,4 @@ def best_answers(start_logits, end_logits, windows: Windows, contexts: list[str]
     return answers
 
 
-__all__ = ["Windows", "encode_windows", "best_spans", "span_chars", "best_answers", "N_BEST", "MAX_ANSWER_LENGTH"]
+__all__ = ["Windows", "check_room", "encode_windows", "best_spans", "span_chars", "best_answers", "N_BEST", "MAX_ANSWER_LENGTH"]
