@@ -157,4 +157,5 @@ def best_answers(start_logits, end_logits, windows: Windows, contexts: list[str]
     return answers
 
 
-__all__ = ["Windows", "check_room", "encode_windows", "best_spans", "span_chars", "best_answers", "N_BEST", "MAX_ANSWER_LENGTH"]
+__all__ = ["Windows", "check_room", "encode_windows", "best_spans", "span_chars", "best_answers", "N_BEST",
+           "MAX_ANSWER_LENGTH"]
