@@ -11,8 +11,9 @@ Cells, all at the recipe's budget and with the library's defaults:
 
 Each cell is one `diffprune train` process with OMP_NUM_THREADS=1 in OUT/<task>/s<seed>/<label>/, `--workers`
 of them side by side (one per core beats one two-thread process on 2 cores). A finished cell (metrics.json)
-is skipped and an interrupted one resumed, so re-running continues where it stopped. `--first` runs the
-main cells of the given methods (on every task) before the rest, to have one method across all tasks early. OUT/results.md and
+is skipped and an interrupted one resumed, so re-running continues where it stopped; a cell that another
+process is running is waited for, not started twice. `--first` runs the main cells of the given methods (on
+every task) before the rest, to have those methods across all tasks early. OUT/results.md and
 OUT/results.json are rewritten after every finished cell. Prints what it runs and the table at the end.
 """
 from __future__ import annotations
