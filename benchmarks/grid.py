@@ -120,12 +120,15 @@ def table(rows: list[dict], recipe: dict) -> str:
     lines = [f"Budget: {recipe['epochs']} epochs per method (two-phase methods split them), batch "
              f"{recipe['batch_size']}, length {recipe['max_length']}, model {recipe['model']}, training sets "
              f"capped at {recipe.get('max_train_samples') or 'nothing'}; library defaults otherwise.", "",
-             "| task | seed | run | main | dev metrics | after phase 1 | nonzero before projection | stored bytes |"
-             " steps | min |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| task | seed | run | main | vs full | dev metrics | after phase 1 | nonzero before projection | "
+             "stored bytes | steps | min |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    full = {(r["task"], r["seed"]): r["dev"]["main"] for r in rows if r["label"] == "full"}
     for r in rows:
         dev = ", ".join(f"{k} {100 * v:.1f}" for k, v in r["dev"].items() if k not in ("loss", "main"))
         nz = r["nonzero_before_projection"]
-        lines.append(f"| {r['task']} | {r['seed']} | {r['label']} | {pct(r['dev']['main'])} | {dev} | "
+        ref = full.get((r["task"], r["seed"]))
+        gap = "" if ref is None or r["label"] == "full" else f"{100 * (r['dev']['main'] - ref):+.1f}"
+        lines.append(f"| {r['task']} | {r['seed']} | {r['label']} | {pct(r['dev']['main'])} | {gap} | {dev} | "
                      f"{pct(r['after_first_phase'])} | {'' if nz is None else f'{100 * nz:.3f}%'} | "
                      f"{r['stored_bytes'] or 0:,} | {r['steps']} | {r['minutes']} |")
     lines += ["", "Average of the main metric over the tasks that every method finished, per seed:", ""]
