@@ -9,6 +9,11 @@ diff.safetensors (header included: the number the goal counts), its sparse part 
 values) and the positions as plain LEB128 without deflate (what the deflate stage buys), and with --eval
 runs `diffprune eval` on the float32 conversion and on each smaller dtype. Diffs without a sparse part
 (full finetuning) are listed but not converted: the value dtype only applies to sparse values.
+
+The float32 values are the trained ones: a run's `diff/` stored in a 16-bit dtype (train's default) holds
+rounded values, so for `<run>/diff` the source of every conversion is the run's float32 snapshot of its
+last phase (`<run>/phases/<last>/snapshot`, the same positions, the values before rounding) when it has one;
+"v1 file" is then what format 1 would store for that diff (float32 values, int32 positions).
 """
 from __future__ import annotations
 
@@ -37,6 +42,25 @@ def plain_leb128_bytes(diff) -> int:
     return int(codec.leb128_encode(np.concatenate(gaps)).size) if gaps else 0
 
 
+def float32_source(path: Path) -> tuple[Path, object]:
+    """(folder, diff) holding float32 trained values for the diff at `path` (see the module docstring)."""
+    diff = load_diff(path)
+    if diff_stats(diff, path)["value_dtype"] in (None, "float32") or path.name != "diff":
+        return path, diff
+    try:
+        last = list(json.loads((path.parent / "metrics.json").read_text())["phases"])[-1]
+    except (OSError, ValueError, KeyError, IndexError):
+        return path, diff
+    snapshot = path.parent / "phases" / last / "snapshot"
+    if not (snapshot / TENSOR_FILE).is_file():
+        return path, diff
+    source = load_diff(snapshot)
+    if diff_stats(source, snapshot)["value_dtype"] != "float32" or source.nnz != diff.nnz:
+        return path, diff
+    print(f"{label(path)}: float32 values from {snapshot}", file=sys.stderr)
+    return snapshot, source
+
+
 def dev_metric(diff_dir: Path, task: str, data_dir: str) -> float:
     out = subprocess.run([sys.executable, "-m", "diffprune", "eval", str(diff_dir), "--task", task,
                           "--data-dir", data_dir], capture_output=True, text=True, check=True).stdout
@@ -52,14 +76,16 @@ def main() -> None:
     args = ap.parse_args()
 
     rows, metrics = [], []
-    for path in args.diffs:
-        diff = load_diff(path)
-        name = label(path)
+    for given in args.diffs:
+        name = label(given)
+        path, diff = float32_source(given)
         if not diff.nnz:
             print(f"{name}: no sparse part ({len(diff.dense)} dense tensors), skipped", file=sys.stderr)
             continue
-        old = diff_stats(diff, path)
-        file_old = (path / TENSOR_FILE).stat().st_size
+        v1 = args.work / name.replace("/", "_") / "format1"
+        save_diff(diff, v1, None, value_dtype="float32", format_version=1)
+        old = diff_stats(load_diff(v1), v1)
+        file_old = (v1 / TENSOR_FILE).stat().st_size
         row = {"diff": name, "nnz": diff.nnz, "v1 file": file_old / diff.nnz,
                "v1 sparse": old["sparse_bytes_per_nnz"], "leb128 only": plain_leb128_bytes(diff) / diff.nnz}
         scores = {}
