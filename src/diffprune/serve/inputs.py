@@ -60,6 +60,8 @@ def _forward(model, batch: dict) -> object:
 class TextInputs:
     """One text or a text pair per input, classified or scored."""
 
+    example = '{"text": "..."}'
+
     def __init__(self, diff: TaskDiff, tokenizer, max_length: int):
         self.labels, self.tokenizer, self.max_length = diff.label_names, tokenizer, max_length
         self.num_texts, aliases = task_inputs(diff)
@@ -115,6 +117,7 @@ class SpanInputs:
     """A question and a context per input; the answer is a span of the context."""
 
     names = ("question", "context")
+    example = '{"question": "...", "context": "..."}'
 
     def __init__(self, diff: TaskDiff, tokenizer, max_length: int):
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -198,8 +201,5 @@ INPUTS = {"classification": TextInputs, "qa": SpanInputs}
 
 
 def inputs_for(kind: str, diff: TaskDiff, tokenizer, max_length: int):
-    """The inputs plug-in of a diff's task kind."""
-    if kind not in INPUTS:
-        raise DiffpruneError(f"diffprune serve does not answer '{kind}' task diffs (it serves "
-                             f"{', '.join(INPUTS)})")
+    """The inputs plug-in of a diff's task kind (`load_service` refuses other kinds before loading)."""
     return INPUTS[kind](diff, tokenizer, max_length)

@@ -34,7 +34,7 @@ from ..errors import DiffpruneError
 from ..storage import TaskSwitcher, load_diff
 from ..storage.format import TaskDiff
 from ..storage.switch import check_method
-from .inputs import INPUTS, RequestError, SpanInputs, inputs_for
+from .inputs import INPUTS, RequestError, inputs_for
 
 log = logging.getLogger("diffprune.serve")
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -48,6 +48,7 @@ class Group:
     model: torch.nn.Module
     tokenizer: object
     switcher: TaskSwitcher
+    max_positions: int | None = None  # the model's position limit (caps each task's max length)
 
 
 @dataclass
@@ -73,8 +74,7 @@ class Task:
 
     def parse(self, payload, max_inputs: int) -> list:
         """`{"inputs": [item, …]}` → one parsed input per item (`inputs.parse`); RequestError if not."""
-        example = '{"question": "...", "context": "..."}' if isinstance(self.inputs, SpanInputs) \
-            else '{"text": "..."}'
+        example = self.inputs.example
         if not isinstance(payload, dict) or "inputs" not in payload:
             raise RequestError(422, f'the body must be a JSON object {{"inputs": [{example}, ...]}}')
         extra = sorted(set(payload) - {"inputs"})
@@ -274,13 +274,12 @@ def load_service(diffs: str | Path, base: str | None = None, max_batch: int = 32
         kind = diff_kind(diff)
         if kind not in groups:  # the first diff of each kind sizes its model's head
             model, tokenizer, _ = load_base_for_diff(None, base, diff)
-            groups[kind] = Group(kind, model.eval(), tokenizer, TaskSwitcher(model))
+            groups[kind] = Group(kind, model.eval(), tokenizer, TaskSwitcher(model), max_positions(model.config))
         group = groups[kind]
         group.switcher.add(name, diff, check_fingerprint=check_fingerprint)
         length = max_length or task_max_length(diff, path)
-        limit = max_positions(group.model.config)
-        if limit is not None:
-            length = min(length, limit)
+        if group.max_positions is not None:
+            length = min(length, group.max_positions)
         stored = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         tasks[name] = Task(name, diff, path, length, group, inputs_for(kind, diff, group.tokenizer, length), stored)
         log.info("task %s: %s diff of %s task %s, %d nonzeros, %.1f MB resident", name, diff.method, kind,
