@@ -295,3 +295,42 @@ def test_gate_gradients_stay_out_of_gradient_clipping(tmp_path):
     total = torch.sqrt(sum((p.grad ** 2).sum() for p in clipped))
     assert float(total) == pytest.approx(1.0, rel=1e-4)
     assert torch.equal(source.log_alpha.grad, torch.full_like(source.log_alpha, 3.0))
+
+
+def test_population_gate_steps_set_the_gates_eps_from_their_second_moment_before_each_step(tmp_path):
+    """gate_steps="population": before each optimizer step the α group's ε becomes √mean(v̂) + alpha_eps over
+    the gates (AdamW's own state); w's group keeps its ε, and the default mode adds no such hook."""
+    from transformers import TrainingArguments
+
+    from diffprune.train.trainer import PhaseTrainer, _AdaptGroups
+
+    cls = get_method("diff-pruning")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    model = make_tiny("bert")
+    head = head_names_by_convention(model)
+    plain = cls(make_config(cls, dict(sparsity=0.01)), model, head).build_phase("l0")
+    trainer = PhaseTrainer(model=plain.model, args=args, phase=plain)
+    assert not any(isinstance(cb, _AdaptGroups) for cb in trainer.callback_handler.callbacks)
+
+    model = make_tiny("bert")
+    spec = cls(make_config(cls, dict(sparsity=0.01, gate_steps="population")), model, head).build_phase("l0")
+    trainer = PhaseTrainer(model=spec.model, args=args, phase=spec)
+    trainer.state.max_steps = 10
+    opt = trainer.create_optimizer()
+    adapt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, _AdaptGroups))
+    names = [g.name for g in spec.groups if g.params]
+    alpha, diff = opt.param_groups[names.index("alpha")], opt.param_groups[names.index("diff")]
+    adapt.on_pre_optimizer_step(args, None, None)  # no step yet: nothing to read, ε unchanged
+    assert alpha["eps"] == 1e-8
+    source = spec.model.source
+    g = torch.linspace(-1.0, 2.0, source.log_alpha.numel())
+    for p in (p for group in opt.param_groups for p in group["params"]):
+        p.grad = torch.zeros_like(p)
+    source.log_alpha.grad = g.clone()
+    opt.step()
+    adapt.on_pre_optimizer_step(args, None, None)
+    rms = float(torch.sqrt((g.double() ** 2).mean()))  # v̂ after one step is g² exactly
+    assert alpha["eps"] == pytest.approx(rms + 1e-8, rel=1e-5)
+    assert diff["eps"] == 1e-8
+    with pytest.raises(DiffpruneError, match="gate_steps"):
+        make_config(cls, dict(gate_steps="sign"))

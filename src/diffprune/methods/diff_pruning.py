@@ -23,7 +23,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from ..core.density_control import DensitySchedule, GateShift
+from ..core.density_control import DensitySchedule, GateShift, population_eps
 from ..core.diff_vector import FixedMaskDiff, L0Diff
 from ..core.projection import project_l0
 from ..errors import DiffpruneError
@@ -71,6 +71,10 @@ class DiffPruningConfig(MethodConfig):
     # up to its learning rate) can hold against the shift, and one it does not gets closed.
     alpha_lr: float | None = None
     alpha_eps: float = 1e-8     # AdamW eps of α: with Adam it sets the sparsity reached as much as λ does
+    # Target mode: how α's AdamW normalises its steps. "adam": per gate (the paper's AdamW). "population":
+    # ε = the gates' gradient RMS over all of them (`density_control.population_eps`), so a gate moves in
+    # proportion to how much the task pushes it, not by the sign consistency of its gradient alone.
+    gate_steps: str = "adam"
     alpha_init: float = 5.0     # α₀: sigmoid(5)·3 − 1.5 > 1, so every gate starts fully open
     left: float = -1.5          # l, the stretch interval's lower end
     right: float = 1.5          # r, its upper end
@@ -106,6 +110,8 @@ class DiffPruningConfig(MethodConfig):
         if not 0.0 <= self.target_hold < self.target_reach <= 1.0:
             raise DiffpruneError("the density schedule needs 0 <= target_hold < target_reach <= 1, got "
                                  f"target_hold={self.target_hold}, target_reach={self.target_reach}")
+        if self.gate_steps not in ("adam", "population"):
+            raise DiffpruneError(f"gate_steps is 'adam' or 'population', got {self.gate_steps!r}")
         if self.targeted and (self.alpha_hold or self.l0_warmup):
             raise DiffpruneError("alpha_hold and l0_warmup belong to the paper's fixed-λ mode (set l0_lambda); "
                                  "the target mode holds the gates through target_hold")
@@ -149,6 +155,9 @@ class DiffPruning(FixedMaskMixin, Method):
             hold = c.target_hold if c.targeted else c.alpha_hold
             alpha_group = ParamGroup("alpha", alphas, c.alpha_lr or PAPER_ALPHA_LR, 0.0, schedule="constant",
                                      eps=c.alpha_eps, hold=hold, clip=False)
+            if c.targeted and c.gate_steps == "population":
+                alpha_group.adapt = lambda state: {} if "exp_avg_sq" not in state else {
+                    "eps": population_eps(state["exp_avg_sq"], float(state["step"]), floor=c.alpha_eps)}
             diff_group = ParamGroup("diff", [source.w], c.lr, c.weight_decay)
             if c.targeted and c.lr_follows_density:
                 end = (c.fixed_lr or default_fixed_lr(c.lr, c.sparsity)) / c.lr
