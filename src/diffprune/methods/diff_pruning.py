@@ -75,6 +75,10 @@ class DiffPruningConfig(MethodConfig):
     # ε = the gates' gradient RMS over all of them (`density_control.population_eps`), so a gate moves in
     # proportion to how much the task pushes it, not by the sign consistency of its gradient alone.
     gate_steps: str = "adam"
+    # Target mode: "magnitude" adds ln(|w|/median|w|) to the element gates' α at the end of the hold
+    # (`L0Diff.seed_gates_from_magnitude_`), so the gates start from the ranking non-adaptive diff pruning
+    # would use and the task's gradient refines it; "uniform": every gate starts at alpha_init.
+    gate_init: str = "uniform"
     alpha_init: float = 5.0     # α₀: sigmoid(5)·3 − 1.5 > 1, so every gate starts fully open
     left: float = -1.5          # l, the stretch interval's lower end
     right: float = 1.5          # r, its upper end
@@ -110,6 +114,8 @@ class DiffPruningConfig(MethodConfig):
         if not 0.0 <= self.target_hold < self.target_reach <= 1.0:
             raise DiffpruneError("the density schedule needs 0 <= target_hold < target_reach <= 1, got "
                                  f"target_hold={self.target_hold}, target_reach={self.target_reach}")
+        if self.gate_init not in ("uniform", "magnitude"):
+            raise DiffpruneError(f"gate_init is 'uniform' or 'magnitude', got {self.gate_init!r}")
         if self.gate_steps not in ("adam", "population"):
             raise DiffpruneError(f"gate_steps is 'adam' or 'population', got {self.gate_steps!r}")
         if self.targeted and (self.alpha_hold or self.l0_warmup):
@@ -166,14 +172,18 @@ class DiffPruning(FixedMaskMixin, Method):
             groups = [diff_group, alpha_group, self.head_group()]
 
             def plan(steps: int) -> None:
+                self._hold_steps = int(round(c.target_hold * steps))  # α's first step (group_lambda's hold)
                 # the largest shift per step lets the gates travel from α₀ to −5 (P(open) < 1%) in half
                 # the density ramp, whatever the budget
+                self._steps = steps
                 ramp = max(1.0, schedule.ramp_share() * steps)
                 shift.max_step = c.max_shift or 2.0 * (c.alpha_init + 5.0) / ramp
                 if c.alpha_lr is None:
                     alpha_group.lr = shift.max_step
 
             def after_step(progress: float) -> None:
+                if c.gate_init == "magnitude" and round(progress * self._steps) == self._hold_steps - 1:
+                    source.seed_gates_from_magnitude_()  # the hold's last step: w has learnt all it will densely
                 amount = shift(progress, source.density())
                 source.shift_gates_(amount)
                 self._last = (progress, amount)
