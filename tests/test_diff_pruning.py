@@ -334,3 +334,34 @@ def test_population_gate_steps_set_the_gates_eps_from_their_second_moment_before
     assert diff["eps"] == 1e-8
     with pytest.raises(DiffpruneError, match="gate_steps"):
         make_config(cls, dict(gate_steps="sign"))
+
+
+def test_magnitude_gate_init_seeds_once_at_the_holds_last_step():
+    """gate_init="magnitude": α gets ln(|w|/median|w|) after the hold's last optimizer step (the step
+    before α's first), never before and never again (a resumed run replays later steps only)."""
+    from diffprune.core.diff_vector import L0Diff
+
+    cls = get_method("diff-pruning")
+    model = make_tiny("bert")
+    method = cls(make_config(cls, dict(sparsity=0.01, gate_init="magnitude", target_hold=0.25)), model,
+                 head_names_by_convention(model))
+    spec = method.build_phase("l0")
+    source = spec.model.source
+    spec.plan(8)  # hold: steps 0 and 1; α's first step is step 2
+    w = torch.randn(source.w.numel(), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        source.w.copy_(w)
+    spec.after_step(0 / 8)
+    assert torch.all(source.log_alpha == 5.0)
+    spec.after_step(1 / 8)
+    reference = L0Diff(method.layout, alpha_init=5.0)
+    with torch.no_grad():
+        reference.w.copy_(w)
+    reference.seed_gates_from_magnitude_()
+    assert torch.allclose(source.log_alpha, reference.log_alpha)
+    seeded = source.log_alpha.detach().clone()
+    for k in range(2, 8):
+        spec.after_step(k / 8)
+        shift = method._last[1]
+        assert torch.allclose(source.log_alpha, seeded - shift)  # only the uniform shift, no second seeding
+        seeded = source.log_alpha.detach().clone()
