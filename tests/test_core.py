@@ -242,16 +242,3 @@ def test_chunked_noise_is_uniform_seeded_and_independent_of_the_thread_count(mon
     assert abs(float(first.mean()) - 0.5) < 0.002 and abs(float(first.var()) - 1 / 12) < 0.002
     short = hc.uniform((3, 5), torch.float64, torch.device("cpu"), torch.Generator().manual_seed(5))
     assert torch.equal(short, torch.rand((3, 5), dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
-
-
-def test_seeding_gates_from_magnitude_adds_the_log_ratio_to_the_median_and_floors_unmoved_entries():
-    """α_i += ln(|w_i| / median |w|) over the entries w moved; |w| = 0 gets the floor; order follows |w|."""
-    source = L0Diff(FlatLayout(["a", "b"], [(3,), (2, 2)]), structured=True, alpha_init=5.0)
-    w = torch.tensor([0.5, -2.0, 0.0, 1.0, -4.0, 0.25, 0.0])
-    with torch.no_grad():
-        source.w.copy_(w)
-    source.seed_gates_from_magnitude_(floor=-10.0)
-    median = 0.5  # of the five moved magnitudes 0.25, 0.5, 1, 2, 4 (the lower middle one when even)
-    want = [5.0 + math.log(abs(v) / median) if v else -5.0 for v in w.tolist()]
-    assert source.log_alpha.tolist() == pytest.approx(want, abs=1e-6)
-    assert source.group_log_alpha.tolist() == [5.0, 5.0]  # group gates are left as they are

@@ -105,29 +105,3 @@ def test_density_of_a_group_larger_than_float32_counts_is_exact():
     source = L0Diff(FlatLayout(["emb", "bias"], [(n,), (100,)]), structured=True)
     p = torch.sigmoid(torch.tensor(5.0, dtype=torch.float64))
     assert source.density() == pytest.approx(float(p * p), rel=1e-5)
-
-
-def test_population_eps_makes_gate_steps_proportional_to_their_gradient_below_the_typical_size():
-    """With ε from the population (set before each step, as the trainer does), AdamW's step of a gate with a
-    steady gradient g is lr·g / (|g| + RMS(g) + floor); plain AdamW moves every gate by lr·sign(g)."""
-    from diffprune.core.density_control import population_eps
-
-    g = torch.tensor([1e-6, 1e-4, 1e-2, -1e-2, 3e-2])
-    lr, floor = 0.1, 1e-8
-    rms = float(torch.sqrt((g.double() ** 2).mean()))
-    for population in (False, True):
-        p = torch.nn.Parameter(torch.zeros(5))
-        opt = torch.optim.AdamW([p], lr=lr, weight_decay=0.0, eps=floor)
-        for step in range(3):
-            state = opt.state.get(p, {})
-            if population and "exp_avg_sq" in state:
-                opt.param_groups[0]["eps"] = population_eps(state["exp_avg_sq"], float(state["step"]), floor=floor)
-            before = p.detach().clone()
-            p.grad = g.clone()
-            opt.step()
-        moved = (p.detach() - before).double()  # the third step: m̂ = g and v̂ = g² exactly
-        want = -lr * g.double() / (g.double().abs() + (rms if population else 0.0) + floor)
-        assert torch.allclose(moved, want, rtol=1e-4, atol=1e-9)
-    # the smallest gate moves ~1e-4 of the largest one's step with the population ε, not the same step
-    assert abs(float(moved[0])) < 3e-4 * abs(float(moved[4]))
-    assert population_eps(torch.ones(3), 0, floor=floor) == floor  # no step yet: the floor alone

@@ -10,12 +10,6 @@ Xia et al. 2022), so that the gates, not the magnitudes, pick what is kept:
   any penalty closes them at random), falls from 1 to t on the cubic schedule of gradual pruning (Zhu &
   Gupta 2017: fast while most entries are idle, slow near t, where each one matters), and stays at t for
   the rest of the phase, so that w re-fits the surviving entries before the projection.
-* `population_eps`: the gates' α train with AdamW, whose per-entry normalisation m/√v moves a gate the task
-  barely touches (a tiny gradient of steady sign) as fast as one it leans on hard, so which gates survive
-  the shift would say more about the sign consistency of a gradient than about its size. With ε set to the
-  gradient RMS over all gates, a gate's step is proportional to its gradient where that is below the
-  population's typical size and at most the learning rate above it: scale-free, as Adam is, but the
-  ordering of the gates follows how much each entry matters.
 * `GateShift`: after every optimizer step, every gate's α is shifted by the same amount, down while the
   measured density ρ̂ = E‖δ‖₀/d is above the schedule and up while below: the penalty applied decoupled
   from the optimizer, as AdamW decouples weight decay. α's own optimizer sees only the task gradient, so
@@ -34,8 +28,6 @@ Plain torch; `diffprune.methods.diff_pruning` wires both into its L0 phase.
 from __future__ import annotations
 
 import math
-
-import torch
 
 class DensitySchedule:
     """ρ_s(progress), progress = share of the L0 phase's steps done, in [0, 1].
@@ -89,18 +81,6 @@ class GateShift:
             return 0.0
         error = _logit(density) - _logit(self.schedule(progress))
         return min(self.max_step, max(-self.max_step, self.gain * error))
-
-
-def population_eps(exp_avg_sq: torch.Tensor, step: float, beta2: float = 0.999, floor: float = 1e-8) -> float:
-    """AdamW's ε for a group of gates: √(mean over the gates of the bias-corrected second moment v̂) + floor.
-
-    `exp_avg_sq` and `step` are AdamW's state of the gates' parameter (read from the optimizer, so a resumed
-    run uses exactly the ε of an uninterrupted one).
-    """
-    if step <= 0:
-        return floor
-    correction = 1.0 - beta2 ** float(step)
-    return math.sqrt(float(torch.mean(exp_avg_sq, dtype=torch.float64)) / correction) + floor
 
 
 def _logit(p: float) -> float:

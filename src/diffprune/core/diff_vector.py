@@ -231,18 +231,6 @@ class L0Diff(nn.Module):
                 self.group_log_alpha.sub_(amount)
 
     @torch.no_grad()
-    def seed_gates_from_magnitude_(self, floor: float = -10.0) -> None:
-        """Add ln(|w_i| / median |w|) to every element gate's α (at least `floor`): after a dense stage the
-        gates then start in the order of non-adaptive diff pruning's magnitudes, one e-fold of |w| per unit
-        of α, and the task's gradient reorders them from there. Entries w never moved (|w| = 0) get `floor`."""
-        magnitude = self.w.abs()
-        moved = magnitude[magnitude > 0]
-        if moved.numel() == 0:
-            return
-        median = moved.kthvalue(max(1, moved.numel() // 2)).values
-        self.log_alpha.add_(torch.log(magnitude / median).clamp_(min=floor))
-
-    @torch.no_grad()
     def open_fraction(self) -> float:
         """Share of entries whose gate is more likely open than closed (P(z > 0) > 0.5)."""
         return float((self.keep_probability() > 0.5).float().mean())

@@ -46,10 +46,6 @@ class ParamGroup:
     # an extra learning-rate multiplier as a function of the share of the phase done, in [0, 1], applied on
     # top of `schedule` and `hold` (Diff Pruning raises w's rate as its gates close)
     scale: Callable[[float], float] | None = None
-    # called before each optimizer step with AdamW's state of the group's first parameter (empty before
-    # the first step); returns group settings to use for that step, such as {"eps": …} (Diff Pruning sets
-    # its gates' eps from their population's second moment)
-    adapt: Callable[[dict], dict] | None = None
 
 
 @dataclass

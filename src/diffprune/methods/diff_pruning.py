@@ -23,7 +23,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from ..core.density_control import DensitySchedule, GateShift, population_eps
+from ..core.density_control import DensitySchedule, GateShift
 from ..core.diff_vector import FixedMaskDiff, L0Diff
 from ..core.projection import project_l0
 from ..errors import DiffpruneError
@@ -71,14 +71,6 @@ class DiffPruningConfig(MethodConfig):
     # up to its learning rate) can hold against the shift, and one it does not gets closed.
     alpha_lr: float | None = None
     alpha_eps: float = 1e-8     # AdamW eps of α: with Adam it sets the sparsity reached as much as λ does
-    # Target mode: how α's AdamW normalises its steps. "adam": per gate (the paper's AdamW). "population":
-    # ε = the gates' gradient RMS over all of them (`density_control.population_eps`), so a gate moves in
-    # proportion to how much the task pushes it, not by the sign consistency of its gradient alone.
-    gate_steps: str = "adam"
-    # Target mode: "magnitude" adds ln(|w|/median|w|) to the element gates' α at the end of the hold
-    # (`L0Diff.seed_gates_from_magnitude_`), so the gates start from the ranking non-adaptive diff pruning
-    # would use and the task's gradient refines it; "uniform": every gate starts at alpha_init.
-    gate_init: str = "uniform"
     alpha_init: float = 5.0     # α₀: sigmoid(5)·3 − 1.5 > 1, so every gate starts fully open
     left: float = -1.5          # l, the stretch interval's lower end
     right: float = 1.5          # r, its upper end
@@ -114,10 +106,6 @@ class DiffPruningConfig(MethodConfig):
         if not 0.0 <= self.target_hold < self.target_reach <= 1.0:
             raise DiffpruneError("the density schedule needs 0 <= target_hold < target_reach <= 1, got "
                                  f"target_hold={self.target_hold}, target_reach={self.target_reach}")
-        if self.gate_init not in ("uniform", "magnitude"):
-            raise DiffpruneError(f"gate_init is 'uniform' or 'magnitude', got {self.gate_init!r}")
-        if self.gate_steps not in ("adam", "population"):
-            raise DiffpruneError(f"gate_steps is 'adam' or 'population', got {self.gate_steps!r}")
         if self.targeted and (self.alpha_hold or self.l0_warmup):
             raise DiffpruneError("alpha_hold and l0_warmup belong to the paper's fixed-λ mode (set l0_lambda); "
                                  "the target mode holds the gates through target_hold")
@@ -161,9 +149,6 @@ class DiffPruning(FixedMaskMixin, Method):
             hold = c.target_hold if c.targeted else c.alpha_hold
             alpha_group = ParamGroup("alpha", alphas, c.alpha_lr or PAPER_ALPHA_LR, 0.0, schedule="constant",
                                      eps=c.alpha_eps, hold=hold, clip=False)
-            if c.targeted and c.gate_steps == "population":
-                alpha_group.adapt = lambda state: {} if "exp_avg_sq" not in state else {
-                    "eps": population_eps(state["exp_avg_sq"], float(state["step"]), floor=c.alpha_eps)}
             diff_group = ParamGroup("diff", [source.w], c.lr, c.weight_decay)
             if c.targeted and c.lr_follows_density:
                 end = (c.fixed_lr or default_fixed_lr(c.lr, c.sparsity)) / c.lr
@@ -172,18 +157,14 @@ class DiffPruning(FixedMaskMixin, Method):
             groups = [diff_group, alpha_group, self.head_group()]
 
             def plan(steps: int) -> None:
-                self._hold_steps = int(round(c.target_hold * steps))  # α's first step (group_lambda's hold)
                 # the largest shift per step lets the gates travel from α₀ to −5 (P(open) < 1%) in half
                 # the density ramp, whatever the budget
-                self._steps = steps
                 ramp = max(1.0, schedule.ramp_share() * steps)
                 shift.max_step = c.max_shift or 2.0 * (c.alpha_init + 5.0) / ramp
                 if c.alpha_lr is None:
                     alpha_group.lr = shift.max_step
 
             def after_step(progress: float) -> None:
-                if c.gate_init == "magnitude" and round(progress * self._steps) == self._hold_steps - 1:
-                    source.seed_gates_from_magnitude_()  # the hold's last step: w has learnt all it will densely
                 amount = shift(progress, source.density())
                 source.shift_gates_(amount)
                 self._last = (progress, amount)

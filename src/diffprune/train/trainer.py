@@ -75,8 +75,6 @@ class PhaseTrainer(Trainer):
             self.args.max_grad_norm = 0.0
         if phase is not None and phase.after_step is not None:
             self.add_callback(_AfterStep(phase.after_step))
-        if phase is not None and any(g.adapt is not None for g in phase.groups):
-            self.add_callback(_AdaptGroups(self, [g for g in phase.groups if g.params]))
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -158,19 +156,6 @@ class _ClipGroups(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.accelerator.clip_grad_norm_(self.params, self.max_norm)
-
-
-class _AdaptGroups(TrainerCallback):
-    """Updates the settings of the groups that ask for it (`ParamGroup.adapt`) just before each optimizer step."""
-
-    def __init__(self, trainer: Trainer, groups: list):
-        self.trainer, self.groups = trainer, groups  # in the optimizer's order (create_optimizer's)
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        optimizer = self.trainer.optimizer
-        for group, settings in zip(self.groups, optimizer.param_groups):
-            if group.adapt is not None:
-                settings.update(group.adapt(optimizer.state.get(group.params[0], {})))
 
 
 class _AfterStep(TrainerCallback):
