@@ -52,3 +52,23 @@ def test_train_records_it_and_resume_keeps_it(tmp_path, tiny_model_dir, data_dir
     assert main(train_args(tiny_model_dir, data_dir, out, "--resume")) == 2
     err = capsys.readouterr().err
     assert "group_by_length=True, not False" in err
+
+
+def test_evaluation_keeps_the_datasets_order_when_training_groups_by_length(tmp_path, minilm_tokenizer):
+    """transformers 5 applies the length-grouped sampler to evaluation too; predictions are matched to
+    examples (and QA logits to window offsets) by position, so ours must evaluate in order."""
+    from diffprune.train.trainer import PhaseTrainer
+
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, 60, (300,), generator=g).tolist()
+    ds = datasets.Dataset.from_dict({"input_ids": [[101] + [1000] * (n - 2) + [102] for n in lengths],
+                                     "attention_mask": [[1] * n for n in lengths], "labels": [0] * len(lengths),
+                                     "idx": list(range(len(lengths)))})
+    args = training_args(TrainConfig(output_dir=str(tmp_path), batch_size=16, eval_batch_size=16,
+                                     group_by_length=True), tmp_path / "run", 1.0)
+    order = {}
+    for cls, kwargs in ((Trainer, {}), (PhaseTrainer, {"phase": None})):
+        trainer = cls(model=torch.nn.Linear(1, 1), args=args, data_collator=collator(minilm_tokenizer), **kwargs)
+        order[cls] = [i for batch in trainer.get_eval_dataloader(ds) for i in batch["idx"].tolist()]
+    assert order[Trainer] != list(range(len(lengths)))  # the plain Trainer's evaluation reorders
+    assert order[PhaseTrainer] == list(range(len(lengths)))

@@ -76,6 +76,15 @@ class PhaseTrainer(Trainer):
         if phase is not None and phase.after_step is not None:
             self.add_callback(_AfterStep(phase.after_step))
 
+    def _get_eval_sampler(self, eval_dataset):
+        """Evaluation and prediction keep the dataset's order, whatever sampler training uses: predictions are
+        matched to their examples (and a QA window's logits to its offsets) by position. The Trainer of
+        transformers 5 applies `train_sampling_strategy="group_by_length"` to evaluation as well, which
+        would pair each prediction with another example's labels."""
+        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
+            return None
+        return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             if self.phase.plan is not None:
