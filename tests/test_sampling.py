@@ -13,6 +13,14 @@ from diffprune.train.data import collator
 from diffprune.train.pipeline import TrainConfig, training_args
 
 
+def _mixed_lengths(n: int, seed: int) -> tuple[list[int], datasets.Dataset]:
+    """n tokenized examples of 3 to 59 tokens, each carrying its index in `idx`."""
+    lengths = torch.randint(3, 60, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return lengths, datasets.Dataset.from_dict({"input_ids": [[101] + [1000] * (k - 2) + [102] for k in lengths],
+                                                "attention_mask": [[1] * k for k in lengths], "labels": [0] * n,
+                                                "idx": list(range(n))})
+
+
 def _padded_tokens(trainer) -> tuple[int, list[int]]:
     total, seen = 0, []
     for batch in trainer.get_train_dataloader():
@@ -22,11 +30,7 @@ def _padded_tokens(trainer) -> tuple[int, list[int]]:
 
 
 def test_grouped_batches_pad_less_and_cover_every_example(tmp_path, tiny_model_dir, minilm_tokenizer):
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(3, 60, (256,), generator=g).tolist()
-    ds = datasets.Dataset.from_dict({"input_ids": [[101] + [1000] * (n - 2) + [102] for n in lengths],
-                                     "attention_mask": [[1] * n for n in lengths], "labels": [0] * len(lengths),
-                                     "idx": list(range(len(lengths)))})
+    lengths, ds = _mixed_lengths(256, seed=0)
     counts = {}
     for grouped in (False, True):
         cfg = TrainConfig(output_dir=str(tmp_path), batch_size=16, group_by_length=grouped)
@@ -59,11 +63,7 @@ def test_evaluation_keeps_the_datasets_order_when_training_groups_by_length(tmp_
     examples (and QA logits to window offsets) by position, so ours must evaluate in order."""
     from diffprune.train.trainer import PhaseTrainer
 
-    g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(3, 60, (300,), generator=g).tolist()
-    ds = datasets.Dataset.from_dict({"input_ids": [[101] + [1000] * (n - 2) + [102] for n in lengths],
-                                     "attention_mask": [[1] * n for n in lengths], "labels": [0] * len(lengths),
-                                     "idx": list(range(len(lengths)))})
+    lengths, ds = _mixed_lengths(300, seed=1)
     args = training_args(TrainConfig(output_dir=str(tmp_path), batch_size=16, eval_batch_size=16,
                                      group_by_length=True), tmp_path / "run", 1.0)
     order = {}

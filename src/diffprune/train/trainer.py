@@ -20,6 +20,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import has_length
 
 from ..errors import DiffpruneError
 from ..io import atomic_write
@@ -81,7 +82,7 @@ class PhaseTrainer(Trainer):
         matched to their examples (and a QA window's logits to its offsets) by position. The Trainer of
         transformers 5 applies `train_sampling_strategy="group_by_length"` to evaluation as well, which
         would pair each prediction with another example's labels."""
-        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
+        if eval_dataset is None or not has_length(eval_dataset):
             return None
         return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
