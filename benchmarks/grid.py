@@ -1,7 +1,7 @@
 """The Diff Pruning benchmark grid of benchmarks/recipe.json: methods × tasks × seeds, plus a sparsity curve.
 
     python benchmarks/grid.py --data-dir ../shared/data/glue --out OUT [--workers 2] [--only TASK,...]
-                              [--first LABEL,...]
+                              [--first LABEL,...] [--keep OLD/results.json]
 
 Cells, all at the recipe's budget and with the library's defaults:
 * every `grid_methods` entry on every task with the recipe's seed, and again with each `extra_seeds` seed
@@ -14,7 +14,8 @@ of them side by side (one per core beats one two-thread process on 2 cores). A f
 is skipped and an interrupted one resumed, so re-running continues where it stopped; a cell that another
 process is running is waited for, not started twice. `--first` runs the main cells of the given methods (on
 every task) before the rest, to have those methods across all tasks early. OUT/results.md and
-OUT/results.json are rewritten after every finished cell. Prints what it runs and the table at the end.
+OUT/results.json are rewritten after every finished cell. `--keep` carries the rows of an earlier grid whose
+run folders are gone (a new machine) into this one: those cells are not run again. Prints what it runs and the table at the end.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class Cell:
     method: str
     options: dict
     after: list[Path] = field(default_factory=list)  # run directories that must finish first
+    kept: dict | None = None  # its row from an earlier grid's results.json (`--keep`): not run again
 
     @property
     def done(self) -> bool:
@@ -102,7 +104,7 @@ def command(cell: Cell, recipe: dict, data_dir: str) -> list[str]:
 
 def summary(cell: Cell) -> dict | None:
     if not is_finished_run(cell.run_dir):
-        return None
+        return cell.kept
     m = load_run(cell.run_dir).metrics
     phases = m["phases"]
     first = next(iter(phases.values()))
@@ -161,14 +163,21 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", default="", help="comma-separated tasks")
     p.add_argument("--first", default="", help="comma-separated grid methods whose main cells run first")
+    p.add_argument("--keep", action="append", default=[], metavar="RESULTS_JSON",
+                   help="an earlier grid's results.json (same recipe): its cells count as done and its rows "
+                        "stay in the tables (for a grid whose run folders are gone); repeatable")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
     recipe = recipes.load(args.recipe)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     todo = cells(recipe, out, set(filter(None, args.only.split(","))))
+    try:
+        keep_rows(todo, args.keep)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        p.error(f"--keep: {e}")
+    out.mkdir(parents=True, exist_ok=True)
     env = bench_env()
-    pending = [c for c in todo if not c.done]
+    pending = [c for c in todo if not c.done and not c.kept]
     first = [label for label in args.first.split(",") if label]
     unknown = sorted(set(first) - set(recipe["grid_methods"]))
     if unknown:
@@ -185,6 +194,24 @@ def main() -> int:
                        lambda: write_results(todo, recipe, out))
     print(write_results(todo, recipe, out))
     return 1 if failed else 0
+
+
+def keep_rows(todo: list[Cell], files: list[str]) -> None:
+    """Attach to each cell its row from the `--keep` files (the last file wins), so it is not run again. A
+    kept cell whose L0 state a pending curve cell needs (`from_l0`) and whose run folder is gone runs again:
+    a row cannot stand in for the state."""
+    rows = {}
+    for name in files:
+        data = json.loads(Path(name).read_text())
+        if not isinstance(data, list):
+            raise ValueError(f"{name} is not a grid's results.json (a list of rows)")
+        rows.update({(r["task"], int(r["seed"]), r["label"]): r for r in data})
+    for c in todo:
+        c.kept = rows.get((c.task, c.seed, c.label))
+    needed = {a for c in todo if not c.done and not c.kept for a in c.after}
+    for c in todo:
+        if c.run_dir in needed and not c.done:
+            c.kept = None
 
 
 def bench_env() -> dict:
