@@ -1,7 +1,7 @@
 """The Diff Pruning benchmark grid of benchmarks/recipe.json: methods × tasks × seeds, plus a sparsity curve.
 
     python benchmarks/grid.py --data-dir ../shared/data/glue --out OUT [--workers 2] [--only TASK,...]
-                              [--first LABEL,...] [--keep OLD/results.json]
+                              [--first LABEL,...] [--keep OLD/results.json] [--archive DIR]
 
 Cells, all at the recipe's budget and with the library's defaults:
 * every `grid_methods` entry on every task with the recipe's seed, and again with each `extra_seeds` seed
@@ -15,13 +15,17 @@ is skipped and an interrupted one resumed, so re-running continues where it stop
 process is running is waited for, not started twice. `--first` runs the main cells of the given methods (on
 every task) before the rest, to have those methods across all tasks early. OUT/results.md and
 OUT/results.json are rewritten after every finished cell. `--keep` carries the rows of an earlier grid whose
-run folders are gone (a new machine) into this one: those cells are not run again. Prints what it runs and the table at the end.
+run folders are gone (a new machine) into this one: those cells are not run again. `--archive DIR` keeps a
+light copy of every finished cell under DIR (what `diffprune report` reads: metrics, config, training log, the
+diff when it is small; no checkpoints, snapshots or L0 state), so the report can be rebuilt after the machine is
+gone; with `--dry-run` it archives what has finished and runs nothing. Prints what it runs and the table at the end.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -147,7 +151,34 @@ def table(rows: list[dict], recipe: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(all_cells: list[Cell], recipe: dict, out: Path) -> str:
+ARCHIVE_SKIP = {LOCK_NAME, "checkpoints", "snapshot", "l0_state"}
+ARCHIVE_MAX_BYTES = 8 << 20  # a full run's dense "diff" (a whole model) stays behind; its metrics do not
+
+
+def archive(cells_: list[Cell], out: Path, dest: Path) -> int:
+    """Light copies of the finished cells not yet under `dest` (same relative path as under `out`); each is
+    written to a temporary folder and renamed, so an archived cell is whole. Returns how many were added."""
+    added = 0
+    for c in cells_:
+        target = dest / c.run_dir.relative_to(out)
+        if target.exists() or not is_finished_run(c.run_dir):
+            continue
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for src in sorted(c.run_dir.rglob("*")):
+            rel = src.relative_to(c.run_dir)
+            if src.is_dir() or ARCHIVE_SKIP & set(rel.parts) or src.stat().st_size > ARCHIVE_MAX_BYTES:
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / rel)
+        tmp.rename(target)
+        added += 1
+    return added
+
+
+def write_results(all_cells: list[Cell], recipe: dict, out: Path, dest: Path | None = None) -> str:
+    if dest is not None:
+        archive(all_cells, out, dest)
     rows = [r for r in map(summary, all_cells) if r]
     text = table(rows, recipe)
     atomic_write_text(out / "results.md", text)
@@ -166,6 +197,8 @@ def main() -> int:
     p.add_argument("--keep", action="append", default=[], metavar="RESULTS_JSON",
                    help="an earlier grid's results.json (same recipe): its cells count as done and its rows "
                         "stay in the tables (for a grid whose run folders are gone); repeatable")
+    p.add_argument("--archive", type=Path, default=None, metavar="DIR",
+                   help="keep a light copy of every finished cell under DIR (for `diffprune report` later)")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
     recipe = recipes.load(args.recipe)
@@ -186,13 +219,16 @@ def main() -> int:
              any(c.label.split("@")[0] == label for label in first)]
     pending = early + [c for c in pending if c not in early]
     print(f"{len(todo)} cells, {len(todo) - len(pending)} done, {len(pending)} to run in {out}", flush=True)
+    if args.archive is not None:
+        args.archive.mkdir(parents=True, exist_ok=True)
+        print(f"archived {archive(todo, out, args.archive)} finished cell(s) into {args.archive}", flush=True)
     if args.dry_run:
         for c in pending:
             print(" ".join(command(c, recipe, args.data_dir)))
         return 0
     failed = run_cells(pending, lambda c: command(c, recipe, args.data_dir), args.workers, env,
-                       lambda: write_results(todo, recipe, out))
-    print(write_results(todo, recipe, out))
+                       lambda: write_results(todo, recipe, out, args.archive))
+    print(write_results(todo, recipe, out, args.archive))
     return 1 if failed else 0
 
 

@@ -80,3 +80,43 @@ def test_bad_keep_file_is_one_error_line_and_nothing_made(tmp_path, content):
     assert r.stderr.strip().splitlines()[-1].startswith("grid.py: error: --keep:")
     assert "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def fake_finished_run(run_dir: Path, main: float) -> None:
+    (run_dir / "diff").mkdir(parents=True)
+    (run_dir / "phases" / "l0" / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (run_dir / "phases" / "l0" / "l0_state").mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({"task": "rte", "main_metric": "accuracy",
+                                                      "phases": {"full": {"train": {"seconds": 6, "steps": 3}}},
+                                                      "final": {"full": {"main": main}}}))
+    (run_dir / "run_config.json").write_text("{}")
+    (run_dir / "log.jsonl").write_text('{"loss": 0.7, "step": 1}\n')
+    (run_dir / "diff" / "diff_config.json").write_text("{}")
+    (run_dir / "diff" / "small.safetensors").write_bytes(b"x" * 100)
+    (run_dir / "diff" / "big.safetensors").write_bytes(b"x" * 5000)
+    (run_dir / "phases" / "l0" / "checkpoints" / "checkpoint-5" / "optimizer.pt").write_bytes(b"x")
+    (run_dir / "phases" / "l0" / "l0_state" / "gates.safetensors").write_bytes(b"x")
+    (run_dir / ".diffprune.lock").write_text("1")
+
+
+def test_archive_keeps_what_the_report_reads_and_nothing_heavy(grid, tmp_path, monkeypatch):
+    from diffprune.report.collect import find_runs
+
+    monkeypatch.setattr(grid, "ARCHIVE_MAX_BYTES", 1000)
+    out, dest = tmp_path / "out", tmp_path / "archive"
+    todo = grid.cells(RECIPE, out, {"rte"})
+    finished = next(c for c in todo if c.label == "full")
+    fake_finished_run(finished.run_dir, 0.61)
+    unfinished = next(c for c in todo if c.label != "full")
+    unfinished.run_dir.mkdir(parents=True)
+    (unfinished.run_dir / "run_config.json").write_text("{}")
+    assert grid.archive(todo, out, dest) == 1
+    copy = dest / "rte" / "s1" / "full"
+    kept = sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file())
+    assert kept == ["diff/diff_config.json", "diff/small.safetensors", "log.jsonl", "metrics.json",
+                    "run_config.json"]
+    assert not (dest / "rte" / "s1" / unfinished.label).exists()
+    assert [p.name for p in (dest / "rte" / "s1").iterdir()] == ["full"]  # no temporary folder left behind
+    runs, _ = find_runs([dest])
+    assert [r.dev_main for r in runs] == [0.61]
+    assert grid.archive(todo, out, dest) == 0  # already there: not copied twice
