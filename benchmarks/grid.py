@@ -176,9 +176,7 @@ def archive(cells_: list[Cell], out: Path, dest: Path) -> int:
     return added
 
 
-def write_results(all_cells: list[Cell], recipe: dict, out: Path, dest: Path | None = None) -> str:
-    if dest is not None:
-        archive(all_cells, out, dest)
+def write_results(all_cells: list[Cell], recipe: dict, out: Path) -> str:
     rows = [r for r in map(summary, all_cells) if r]
     text = table(rows, recipe)
     atomic_write_text(out / "results.md", text)
@@ -226,9 +224,13 @@ def main() -> int:
         for c in pending:
             print(" ".join(command(c, recipe, args.data_dir)))
         return 0
-    failed = run_cells(pending, lambda c: command(c, recipe, args.data_dir), args.workers, env,
-                       lambda: write_results(todo, recipe, out, args.archive))
-    print(write_results(todo, recipe, out, args.archive))
+    def on_done() -> str:
+        if args.archive is not None:
+            archive(todo, out, args.archive)
+        return write_results(todo, recipe, out)
+
+    failed = run_cells(pending, lambda c: command(c, recipe, args.data_dir), args.workers, env, on_done)
+    print(on_done())
     return 1 if failed else 0
 
 

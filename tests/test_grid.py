@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from diffprune.train.rundir import LOCK_NAME
+
 GRID = Path(__file__).resolve().parent.parent / "benchmarks" / "grid.py"
 
 
@@ -96,7 +98,7 @@ def fake_finished_run(run_dir: Path, main: float) -> None:
     (run_dir / "diff" / "big.safetensors").write_bytes(b"x" * 5000)
     (run_dir / "phases" / "l0" / "checkpoints" / "checkpoint-5" / "optimizer.pt").write_bytes(b"x")
     (run_dir / "phases" / "l0" / "l0_state" / "gates.safetensors").write_bytes(b"x")
-    (run_dir / ".diffprune.lock").write_text("1")
+    (run_dir / LOCK_NAME).write_text("1")
 
 
 def test_archive_keeps_what_the_report_reads_and_nothing_heavy(grid, tmp_path, monkeypatch):
