@@ -148,7 +148,32 @@ def table(rows: list[dict], recipe: dict) -> str:
             continue
         lines.append(f"- seed {seed}, {len(common)} task(s) ({', '.join(sorted(common))}): " + "; ".join(
             f"{lab} {100 * sum(by[(seed, lab)][t] for t in common) / len(common):.1f}" for lab in labels))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + seed_means(by)) + "\n"
+
+
+def seed_means(by: dict) -> list[str]:
+    """Per-task means over the seeds, for the runs every seed has, on the tasks where all of them finished,
+    with each task's spread between seeds (largest minus smallest): one seed's gap is only worth reading
+    against how far two seeds of the same run fall apart."""
+    seeds = sorted({s for s, _ in by})
+    labels = [lab for lab in dict.fromkeys(lab for _, lab in by) if all((s, lab) in by for s in seeds)]
+    if len(seeds) < 2 or not labels:
+        return []
+    tasks = [t for t in dict.fromkeys(t for s in seeds for lab in labels for t in by[(s, lab)])
+             if all(t in by[(s, lab)] for s in seeds for lab in labels)]
+    if not tasks:
+        return []
+    out = ["", f"Mean over seeds {', '.join(map(str, seeds))} (in brackets: the spread between the seeds), on "
+                f"the tasks every seed finished for each run below:", "",
+           "| run | " + " | ".join(tasks) + " | average |", "|---|" + "---:|" * (len(tasks) + 1)]
+    for lab in labels:
+        cells, means = [], []
+        for t in tasks:
+            values = [100 * by[(s, lab)][t] for s in seeds]
+            means.append(sum(values) / len(values))
+            cells.append(f"{means[-1]:.1f} ({max(values) - min(values):.1f})")
+        out.append(f"| {lab} | " + " | ".join(cells) + f" | {sum(means) / len(means):.1f} |")
+    return out
 
 
 ARCHIVE_SKIP = {LOCK_NAME, "checkpoints", "snapshot", "l0_state"}

@@ -122,3 +122,20 @@ def test_archive_keeps_what_the_report_reads_and_nothing_heavy(grid, tmp_path, m
     runs, _ = find_runs([dest])
     assert [r.dev_main for r in runs] == [0.61]
     assert grid.archive(todo, out, dest) == 0  # already there: not copied twice
+
+
+def test_seed_means_table(grid):
+    """Two seeds of two runs on three tasks (the second seed lacks one task): means and spreads over the
+    tasks both seeds finished, computed here by hand."""
+    rows = [row("rte", 1, "full", 0.60), row("mrpc", 1, "full", 0.80), row("cola", 1, "full", 0.20),
+            row("rte", 1, "dp", 0.50), row("mrpc", 1, "dp", 0.70), row("cola", 1, "dp", 0.10),
+            row("rte", 2, "full", 0.64), row("mrpc", 2, "full", 0.78),
+            row("rte", 2, "dp", 0.56), row("mrpc", 2, "dp", 0.74)]
+    text = grid.table(rows, RECIPE)
+    tail = text[text.index("Mean over seeds 1, 2"):].splitlines()
+    assert tail[2] == "| run | rte | mrpc | average |"
+    # full: rte (60+64)/2 = 62.0, spread 4.0; mrpc 79.0, spread 2.0; average 70.5
+    assert tail[4] == "| full | 62.0 (4.0) | 79.0 (2.0) | 70.5 |"
+    # dp: rte 53.0 (6.0), mrpc 72.0 (4.0); average 62.5
+    assert tail[5] == "| dp | 53.0 (6.0) | 72.0 (4.0) | 62.5 |"
+    assert "Mean over seeds" not in grid.table([r for r in rows if r["seed"] == 1], RECIPE)
