@@ -185,8 +185,11 @@ def test_training_curves_join_phases_and_drop_repeats(report):
 
 def test_claims_follow_the_numbers(report):
     result, out = report
-    assert len(result["claims"]) == 6
-    assert all(c["status"] == "reproduced" for c in result["claims"][:3]), result["claims"]
+    assert len(result["claims"]) == 7
+    first = [c for c in result["claims"] if "non-adaptive" not in c["claim"]][:3]
+    assert all(c["status"] == "reproduced" for c in first), result["claims"]
+    nadp = next(c for c in result["claims"] if "non-adaptive" in c["claim"])
+    assert nadp["status"] == "not measured"  # the fixture has no non-adaptive runs
     full = next(c for c in result["claims"] if "full finetuning" in c["claim"])
     assert "diff-pruning-structured@1%" in full["evidence"] and "-0.5 points" in full["evidence"]
     untouched = next(c for c in result["claims"] if "untouched" in c["claim"])
@@ -333,3 +336,42 @@ def test_runs_of_other_seeds_are_averaged_and_same_seed_repeats_noted(grid, tmp_
     assert runs[0].phase_main("finetune") == runs[0].dev_main
     assert any("same seed" in n and "full-again" in n for n in notes)
     assert any("means over seeds 42, 43" in n for n in notes)
+
+
+def test_adaptive_vs_non_adaptive_claim():
+    """Structured beats non-adaptive on average, unstructured does not: not reproduced; a task where every
+    run is at chance is left out, one where only Diff Pruning is at chance counts against it."""
+    from diffprune.report import claims
+
+    s, u, n = *claims.DP_VARIANTS, claims.NON_ADAPTIVE
+    sc = {"tasks": ["cola", "mrpc", "stsb"], "sparsities": [0.005],
+          "main_metric": {"cola": "mcc", "mrpc": "f1", "stsb": "spearman"},
+          "values": {s: {"cola": {0.005: 0.01}, "mrpc": {0.005: 0.84}, "stsb": {0.005: 0.02}},
+                     u: {"cola": {0.005: 0.0}, "mrpc": {0.005: 0.80}, "stsb": {0.005: 0.03}},
+                     n: {"cola": {0.005: -0.02}, "mrpc": {0.005: 0.82}, "stsb": {0.005: 0.30}}}}
+    got = claims.adaptive_vs_non_adaptive({"sparsity": sc})
+    # cola left out (all three at chance); structured: mrpc +2, stsb −28 → mean −13.0; unstructured: −2, −27
+    assert got["status"] == claims.NOT_REPRODUCED
+    assert f"{s} − non-adaptive dev main, mean over 2 (task, sparsity) pair(s): -13.0 points, better in 1 of 2" \
+        in got["evidence"]
+    assert f"{u} − non-adaptive dev main, mean over 2 (task, sparsity) pair(s): -14.5 points, better in 0 of 2" \
+        in got["evidence"]
+    assert got["evidence"].endswith("cola")
+    sc["values"][s]["stsb"][0.005] = sc["values"][u]["stsb"][0.005] = 0.40
+    assert claims.adaptive_vs_non_adaptive({"sparsity": sc})["status"] == claims.REPRODUCED  # +6 and +4
+    del sc["values"][n]
+    assert claims.adaptive_vs_non_adaptive({"sparsity": sc})["status"] == claims.NOT_MEASURED
+
+
+def test_storage_claim_gives_a_range_of_bytes_per_nonzero():
+    from diffprune.report import claims
+
+    rows = [{"target_nnz": 100, "nnz": 100, "bytes_per_nnz": 2.5, "stored_bytes": 400},
+            {"target_nnz": 200, "nnz": 201, "bytes_per_nnz": 3.125, "stored_bytes": 1200}]
+    got = claims.storage_scales_with_td({"storage": {"rows": rows}})
+    assert got["status"] == claims.REPRODUCED
+    # 400 / 800 = 0.50, 1200 / 1600 = 0.75
+    assert "in 2 of 2" in got["evidence"] and "bytes per nonzero from 2.50 to 3.12" in got["evidence"]
+    assert "from 0.50 to 0.75" in got["evidence"]
+    rows[1]["nnz"] = 210
+    assert claims.storage_scales_with_td({"storage": {"rows": rows}})["status"] == claims.NOT_REPRODUCED
