@@ -24,7 +24,8 @@ CHANCE = 0.05
 
 
 def at_chance(tables: dict, variants: tuple[str, ...] = DP_VARIANTS) -> set[str]:
-    """Tasks where every Diff Pruning run scored within ±CHANCE of 0 on a zero-chance metric (MCC, correlation).
+    """Tasks where every run of `variants` (default: Diff Pruning) scored within ±CHANCE of 0 on a zero-chance
+    metric (MCC, correlation).
 
     Comparisons between Diff Pruning settings on such a task compare noise (the report showed, e.g., every
     CoLA run at MCC 0 on a short budget), so the claims that compare variants or sparsities leave them out
