@@ -159,8 +159,7 @@ def seed_means(by: dict) -> list[str]:
     labels = [lab for lab in dict.fromkeys(lab for _, lab in by) if all((s, lab) in by for s in seeds)]
     if len(seeds) < 2 or not labels:
         return []
-    tasks = [t for t in dict.fromkeys(t for s in seeds for lab in labels for t in by[(s, lab)])
-             if all(t in by[(s, lab)] for s in seeds for lab in labels)]
+    tasks = [t for t in by[(seeds[0], labels[0])] if all(t in by[(s, lab)] for s in seeds for lab in labels)]
     if not tasks:
         return []
     out = ["", f"Mean over seeds {', '.join(map(str, seeds))} (in brackets: the spread between the seeds), on "

@@ -57,20 +57,22 @@ def _claim(claim: str, paper: str, status: str, evidence: str) -> dict:
     return {"claim": claim, "paper": paper, "status": status, "evidence": evidence}
 
 
+def paired_gaps(sc: dict | None, a: str, b: str, skip: set[str]) -> list[float]:
+    """Variant a − variant b, dev main, on every (task, sparsity) both have, tasks in `skip` left out."""
+    if not sc or a not in sc["values"] or b not in sc["values"]:
+        return []
+    return [sc["values"][a][task][s] - sc["values"][b][task][s] for task in sc["tasks"] if task not in skip
+            for s in sorted(set(sc["values"][a][task]) & set(sc["values"][b][task]))]
+
+
 def structured_vs_unstructured(tables: dict) -> dict:
     claim, paper = "structured ≥ unstructured Diff Pruning", "GLUE test avg at 0.5%: 80.6 vs 79.4"
-    sc = tables.get("sparsity")
-    pairs, chance = [], at_chance(tables)
-    if sc and STRUCTURED in sc["values"] and UNSTRUCTURED in sc["values"]:
-        for task in sc["tasks"]:
-            if task in chance:
-                continue
-            a, b = sc["values"][STRUCTURED][task], sc["values"][UNSTRUCTURED][task]
-            pairs += [(task, s, a[s] - b[s]) for s in sorted(set(a) & set(b))]
+    chance = at_chance(tables)
+    pairs = paired_gaps(tables.get("sparsity"), STRUCTURED, UNSTRUCTURED, chance)
     if not pairs:
         return _claim(claim, paper, NOT_MEASURED, "needs both variants on the same task and sparsity")
-    gap = mean(d for *_, d in pairs)
-    wins = sum(d >= 0 for *_, d in pairs)
+    gap = mean(pairs)
+    wins = sum(d >= 0 for d in pairs)
     return _claim(claim, paper, REPRODUCED if gap >= 0 else NOT_REPRODUCED,
                   f"structured − unstructured dev main, mean over {len(pairs)} (task, sparsity) pairs: "
                   f"{_pts(gap)} points; structured ≥ unstructured in {wins} of {len(pairs)}{_left_out(chance)}")
@@ -84,19 +86,10 @@ def adaptive_vs_non_adaptive(tables: dict) -> dict:
     Pruning run at chance beside a non-adaptive one that learned is a loss, not noise."""
     claim = "Diff Pruning > non-adaptive diff pruning (the L0 phase picks a better mask than the magnitudes)"
     paper = "GLUE test avg at 0.5%: structured 80.6, unstructured 79.4 vs non-adaptive 75.5"
-    sc = tables.get("sparsity")
     chance = at_chance(tables, (*DP_VARIANTS, NON_ADAPTIVE))
     found = []
     for variant in DP_VARIANTS:
-        if not sc or NON_ADAPTIVE not in sc["values"] or variant not in sc["values"]:
-            continue
-        pairs = []
-        for task in sc["tasks"]:
-            if task in chance:
-                continue
-            a, b = sc["values"][variant][task], sc["values"][NON_ADAPTIVE][task]
-            pairs += [a[s] - b[s] for s in sorted(set(a) & set(b))]
-        if pairs:
+        if pairs := paired_gaps(tables.get("sparsity"), variant, NON_ADAPTIVE, chance):
             found.append((variant, mean(pairs), sum(d > 0 for d in pairs), len(pairs)))
     if not found:
         return _claim(claim, paper, NOT_MEASURED, "needs Diff Pruning and non-adaptive diff pruning on the same "
