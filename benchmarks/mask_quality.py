@@ -63,7 +63,7 @@ def register_method() -> None:
             self.names = select_parameters(model, head_names, config.include, config.exclude)
             self.layout = layout_for(model, self.names)
             if config.mask_from == "random":
-                idx = random_mask(self.layout, config.sparsity, config.mask_seed)
+                idx = random_mask(self.layout, config.sparsity, config.mask_seed, input_embedding_names(model))
             else:
                 diff = load_diff(config.mask_from)
                 offsets = dict(zip(self.layout.names, self.layout.offsets))
@@ -79,13 +79,19 @@ def register_method() -> None:
             return self.fixed_mask_phase(c.fixed_lr or default_fixed_lr(c.lr, c.sparsity), c.epochs)
 
 
-def random_mask(layout, sparsity: float, seed: int):
-    """round(t·d) sorted flat positions, uniform over the entries of every tensor but the word embeddings."""
+def input_embedding_names(model) -> set[str]:
+    """The parameter name(s) of the model's token embedding matrix (Hugging Face's get_input_embeddings)."""
+    weight = model.get_input_embeddings().weight
+    return {name for name, p in model.named_parameters() if p is weight}
+
+
+def random_mask(layout, sparsity: float, seed: int, leave_out: set[str]):
+    """round(t·d) sorted flat positions, uniform over the entries of every tensor but those in `leave_out`."""
     import torch
 
     allowed = torch.ones(layout.total, dtype=torch.bool)
     for name, offset, numel in zip(layout.names, layout.offsets, layout.numels):
-        if "word_embeddings" in name or "embed_tokens" in name or name.endswith("wte.weight"):
+        if name in leave_out:
             allowed[offset:offset + numel] = False
     pool = allowed.nonzero().squeeze(1)
     count = min(round(sparsity * layout.total), pool.numel())

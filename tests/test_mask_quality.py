@@ -61,15 +61,18 @@ def test_mask_alone_trains_the_source_positions_from_zero(mq, tmp_path, tiny_mod
 
 def test_random_mask_size_seed_and_no_word_embeddings(mq):
     model = make_tiny("bert", vocab_size=128)
+    word = "bert.embeddings.word_embeddings.weight"
+    assert mq.input_embedding_names(model) == {word}
     layout = layout_for(model, select_parameters(model, ["classifier.weight", "classifier.bias"]))
-    a = mq.random_mask(layout, 0.02, seed=0)
+    a = mq.random_mask(layout, 0.02, 0, {word})
     assert a.numel() == round(0.02 * layout.total)
     assert bool((a[1:] > a[:-1]).all())
-    i = layout.names.index("bert.embeddings.word_embeddings.weight")
+    i = layout.names.index(word)
     lo, hi = layout.offsets[i], layout.offsets[i] + layout.numels[i]
     assert not bool(((a >= lo) & (a < hi)).any())
-    assert torch.equal(a, mq.random_mask(layout, 0.02, seed=0))
-    assert not torch.equal(a, mq.random_mask(layout, 0.02, seed=1))
+    assert torch.equal(a, mq.random_mask(layout, 0.02, 0, {word}))
+    assert not torch.equal(a, mq.random_mask(layout, 0.02, 1, {word}))
+    assert bool(((mq.random_mask(layout, 0.5, 0, set()) >= lo) & (mq.random_mask(layout, 0.5, 0, set()) < hi)).any())
 
 
 def fake_run(path, task, seed, method_options, with_diff):
