@@ -37,13 +37,11 @@ METHOD = "mask-from-diff"
 
 def register_method() -> None:
     """The fixed-mask phase alone, on another run's mask or a random one (values 0, head from scratch)."""
-    import torch
-
     from diffprune.core.diff_vector import FixedMaskDiff
     from diffprune.errors import DiffpruneError
     from diffprune.methods.base import Method, register
     from diffprune.methods.non_adaptive import SparseFromFinetuneConfig
-    from diffprune.methods.sparse import FixedMaskMixin, default_fixed_lr
+    from diffprune.methods.sparse import FixedMaskMixin, default_fixed_lr, flat_positions
     from diffprune.sparse_model import layout_for, select_parameters
     from diffprune.storage.format import load_diff
 
@@ -65,13 +63,10 @@ def register_method() -> None:
             if config.mask_from == "random":
                 idx = random_mask(self.layout, config.sparsity, config.mask_seed, input_embedding_names(model))
             else:
-                diff = load_diff(config.mask_from)
-                offsets = dict(zip(self.layout.names, self.layout.offsets))
-                missing = sorted(set(diff.sparse) - set(offsets))
-                if missing:
-                    raise DiffpruneError(f"{config.mask_from}: tensors outside this model's layout: {missing[:3]}")
-                idx = torch.cat([diff.sparse[n].indices.long() + offsets[n]
-                                 for n in sorted(diff.sparse, key=offsets.get)])
+                try:
+                    idx, _ = flat_positions(load_diff(config.mask_from), self.layout)
+                except ValueError as err:
+                    raise DiffpruneError(f"{config.mask_from}: {err}") from None
             self.set_fixed_mask(FixedMaskDiff(self.layout, idx))
 
         def build_phase(self, phase):
@@ -192,9 +187,7 @@ def main() -> int:
     pending = [c for c in cells if not c.done]
     print(f"{len(cells)} cells, {len(pending)} to run in {out}", flush=True)
     if args.dry_run:
-        for c in pending:
-            print(" ".join(command(c, recipe, args.data_dir)))
-        return 0
+        return grid.print_commands(pending, lambda c: command(c, recipe, args.data_dir))
     out.mkdir(parents=True, exist_ok=True)
 
     def on_done() -> str:

@@ -389,3 +389,21 @@ def test_non_json_config_fails_before_writing(tmp_path):
     with pytest.raises(DiffpruneError, match="JSON"):
         save_diff(diff, tmp_path / "d", model)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_flat_positions_offsets_each_tensor_in_layout_order():
+    from diffprune.core.diff_vector import FlatLayout
+    from diffprune.methods.sparse import flat_positions
+
+    layout = FlatLayout(["a", "b", "c"], [(2, 3), (4,), (5,)])  # offsets 0, 6, 10
+    diff = TaskDiff(method="m", base_model="", task="", label_names=None, config={}, dense={},
+                    sparse={"c": SparseDelta((5,), torch.tensor([4, 0]), torch.tensor([1.0, 2.0])),
+                            "a": SparseDelta((2, 3), torch.tensor([5]), torch.tensor([3.0]))})
+    idx, vals = flat_positions(diff, layout)
+    assert idx.tolist() == [5, 14, 10]  # a before c; within a tensor the stored order is kept
+    assert vals.tolist() == [3.0, 1.0, 2.0]
+    diff.sparse["z"] = SparseDelta((1,), torch.tensor([0]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="outside this layout"):
+        flat_positions(diff, layout)
+    empty = TaskDiff(method="m", base_model="", task="", label_names=None, config={}, dense={}, sparse={})
+    assert flat_positions(empty, layout)[0].numel() == 0

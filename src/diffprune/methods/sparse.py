@@ -61,12 +61,24 @@ class FixedMaskMixin:
                                "diff_tensors": diff_tensors})
 
     def restore(self, diff: TaskDiff) -> None:
-        offsets = dict(zip(self.layout.names, self.layout.offsets))
-        unknown = sorted(set(diff.sparse) - set(offsets))
-        if unknown:
-            raise ValueError(f"snapshot holds tensors outside this method's layout: {unknown[:3]}")
-        parts = sorted(((offsets[n], sd) for n, sd in diff.sparse.items()), key=lambda t: t[0])
-        idx = torch.cat([sd.indices.long() + off for off, sd in parts]) if parts else torch.zeros(0, dtype=torch.long)
-        vals = torch.cat([sd.values.float() for _, sd in parts]) if parts else torch.zeros(0)
+        idx, vals = flat_positions(diff, self.layout)
         self.set_fixed_mask(FixedMaskDiff(self.layout, idx, vals))
         self.load_head(diff.dense)
+
+
+def flat_positions(diff: TaskDiff, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored diff's entries as flat positions of `layout` (ascending tensor order) and their values.
+
+    The stored format keeps positions per tensor (so a diff does not depend on which other tensors a
+    run gated); training works on one flat index over the layout. Raises ValueError when the diff holds
+    a tensor the layout does not have (another model, or include/exclude patterns that differ).
+    """
+    offsets = dict(zip(layout.names, layout.offsets))
+    unknown = sorted(set(diff.sparse) - set(offsets))
+    if unknown:
+        raise ValueError(f"the diff holds tensors outside this layout: {unknown[:3]}")
+    parts = sorted(((offsets[n], sd) for n, sd in diff.sparse.items()), key=lambda t: t[0])
+    if not parts:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    return (torch.cat([sd.indices.long() + off for off, sd in parts]),
+            torch.cat([sd.values.float() for _, sd in parts]))
