@@ -245,9 +245,7 @@ def main() -> int:
         args.archive.mkdir(parents=True, exist_ok=True)
         print(f"archived {archive(todo, out, args.archive)} finished cell(s) into {args.archive}", flush=True)
     if args.dry_run:
-        for c in pending:
-            print(" ".join(command(c, recipe, args.data_dir)))
-        return 0
+        return print_commands(pending, lambda c: command(c, recipe, args.data_dir))
     def on_done() -> str:
         if args.archive is not None:
             archive(todo, out, args.archive)
@@ -274,6 +272,13 @@ def keep_rows(todo: list[Cell], files: list[str]) -> None:
     for c in todo:
         if c.run_dir in needed and not c.done:
             c.kept = None
+
+
+def print_commands(pending: list, make_command) -> int:
+    """`--dry-run` of every grid-like script: each pending cell's command line, runnable as printed."""
+    for c in pending:
+        print(" ".join(make_command(c)))
+    return 0
 
 
 def bench_env() -> dict:

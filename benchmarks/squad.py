@@ -145,9 +145,7 @@ def main() -> int:
     pending = [c for c in todo if not c.done]
     print(f"{len(todo)} cells, {len(todo) - len(pending)} done, {len(pending)} to run in {out}", flush=True)
     if args.dry_run:
-        for c in pending:
-            print(" ".join(command(c, recipe, args.data_dir)))
-        return 0
+        return grid.print_commands(pending, lambda c: command(c, recipe, args.data_dir))
     failed = grid.run_cells(pending, lambda c: command(c, recipe, args.data_dir), args.workers, grid.bench_env(),
                             lambda: results(todo, recipe, out))
     print(results(todo, recipe, out))
