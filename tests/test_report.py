@@ -205,6 +205,8 @@ def test_claims_follow_the_numbers(report):
     for c in result["claims"]:
         assert f"**{c['status']}** — {c['claim']}" in md
     assert "64 (seeded random subset)" in md and "Training sets were capped" in md
+    capped = ", ".join(f"{t}: 64" for t in result["info"]["tasks"])  # every fixture run keeps 64 examples
+    assert f"(examples kept, per capped task: {capped})" in md and "each setting is one seed" in md
     assert "has not finished" in md and "lt-sft@0.01" in md  # the lt-sft run that never finished is named, not counted
     assert json.loads((out / "report.json").read_text())["claims"] == result["claims"]
 

@@ -36,11 +36,13 @@ def build_report(paths: list[str | os.PathLike], output: str | os.PathLike) -> d
         if tables[key] is not None:
             draw(tables[key], out / name)
             pngs[key] = name
-    caps = sorted({r.run_config["max_train_samples"] for r in runs if r.run_config.get("max_train_samples")})
+    caps = sorted({(r.task, r.run_config["max_train_samples"]) for r in (*runs, *(p for r in runs for p in r.peers))
+                   if r.run_config.get("max_train_samples")})
     info = {"num_runs": len(runs), "tasks": sorted({r.task for r in runs}),
             "methods": sorted({r.name for r in runs}),
             "main_metrics": {r.task: r.metrics.get("main_metric", "main") for r in sorted(runs, key=lambda r: r.task)},
-            "settings": settings_summary(runs), "capped": ", ".join(map(str, caps)), "notes": notes,
+            "settings": settings_summary(runs), "capped": ", ".join(f"{t}: {n}" for t, n in caps),
+            "one_seed": not any(r.peers for r in runs), "notes": notes,
             "runs": [{"path": str(r.path), "task": r.task, "name": r.name, "dev_main": r.dev_main} for r in runs]}
     atomic_write_text(out / "report.md", markdown.render(info, tables, claims, pngs))
     result = {"info": info, "claims": claims, "tables": tables, "figures": pngs}

@@ -35,8 +35,10 @@ def header(info: dict) -> list[str]:
              "Run settings (from run_config.json):", ""]
     lines += _table(["setting", "value(s)"], [[k, v] for k, v in info["settings"]], align_first=2)
     if info["capped"]:
-        lines += ["", f"**Training sets were capped** ({info['capped']} examples per task) to fit the compute at "
-                  "hand, and each run is one seed: absolute scores sit below full-data training and differences "
+        seeds = ("each setting is one seed" if info.get("one_seed", True) else
+                 "settings run at several seeds are averaged over them")
+        lines += ["", f"**Training sets were capped** (examples kept, per capped task: {info['capped']}) to fit the "
+                  f"compute at hand, and {seeds}: absolute scores sit below full-data training and differences "
                   "of a point or two are within noise. The paper's numbers are BERT-large on full GLUE."]
     for note in info["notes"]:
         lines += ["", f"Note: {note}"]
