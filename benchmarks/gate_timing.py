@@ -65,16 +65,17 @@ def run_prior(config: dict, data_dir: str | None, label_column: str, regression:
     from diffprune.errors import DiffpruneError
     from diffprune.tasks import custom_task, get_task, load_task_data
 
-    files = config.get("data_files")
-    if isinstance(files, dict) and "train" in files:  # only the labels are read: the text columns do not matter
-        evals = {k: v for k, v in files.items() if k != "train"}
+    files = config.get("data_files") if isinstance(config.get("data_files"), dict) else {}
+    try:
+        spec = get_task(config.get("task") or "")
+    except DiffpruneError as e:
+        spec, unknown = None, e
+    if spec is None or files.get("train", spec.train_file) != spec.train_file:  # the user's own files
+        if "train" not in files:
+            raise DiffpruneError(f"{config.get('output_dir')}: {unknown}")
+        evals = {k: v for k, v in files.items() if k != "train"}  # only labels are read: text columns do not matter
         spec = custom_task(files["train"], evals or files["train"], [label_column], label_column,
                            regression=regression, name=config.get("task") or "custom")
-    else:
-        try:
-            spec = get_task(config.get("task") or "")
-        except DiffpruneError as e:
-            raise DiffpruneError(f"{config.get('output_dir')}: {e}") from None
     data = load_task_data(spec, data_dir or config.get("data_dir"), config.get("max_train_samples"),
                           seed=config.get("seed", 0))
     return prior_loss(data.train["label"], spec.is_regression)
@@ -91,7 +92,7 @@ def row(run, args, priors: dict) -> dict | None:
         priors[key] = run_prior(config, args.data_dir, args.label_column, args.regression)
     prior = priors[key]
     out = {"task": config.get("task"), "seed": config.get("seed"), "run": run.path.name, "phase": phase,
-           "steps": records[-1]["step"], "prior": prior, "learns_at": learns_at(records, prior, margin, window)}
+           "last_step": records[-1]["step"], "prior": prior, "learns_at": learns_at(records, prior, margin, window)}
     if "expected_l0_frac" in records[0]:
         target = float(run.sparsity or 0.0)
         out["density_half_at"] = next((r["step"] for r in records if r["expected_l0_frac"] < 0.5), None)
@@ -108,7 +109,7 @@ def table(rows: list[dict]) -> str:
             return "never"
         return f"{v:.3f}" if isinstance(v, float) and not math.isnan(v) else str(v)
 
-    cols = ["task", "seed", "run", "phase", "steps", "prior", "learns_at", "density_half_at",
+    cols = ["task", "seed", "run", "phase", "last_step", "prior", "learns_at", "density_half_at",
             "density_target_at", "end_loss_over_prior"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
