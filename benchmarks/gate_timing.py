@@ -46,10 +46,9 @@ def learns_at(records: list[dict], prior: float, margin: float, window: int) -> 
     return None
 
 
-def first_phase(log: Path) -> tuple[str, list[dict]]:
-    """The first phase's name and its training-loss records."""
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    records = [r for r in records if "loss" in r and "step" in r]
+def first_phase(run) -> tuple[str, list[dict]]:
+    """The first phase's name and its training-loss records (`Run.log_records`: resumed steps once, cut lines skipped)."""
+    records = [r for r in run.log_records() if "loss" in r and "step" in r]
     if not records:
         return "", []
     name = records[0].get("phase", "")
@@ -82,7 +81,7 @@ def run_prior(config: dict, data_dir: str | None, label_column: str, regression:
 
 
 def row(run, args, priors: dict) -> dict | None:
-    phase, records = first_phase(run.path / "log.jsonl") if (run.path / "log.jsonl").is_file() else ("", [])
+    phase, records = first_phase(run)
     if not records or phase == "fixed_mask":  # a run that reused another run's L0 phase has none of its own
         return None
     config = run.run_config
