@@ -200,8 +200,10 @@ def test_l0_phase_uses_kept_gradient_buffers_and_trains_the_same(tmp_path, tiny_
     assert kept.keys() == plain.keys() and all(torch.equal(kept[k], plain[k]) for k in kept)
 
 
-@pytest.mark.parametrize("hold", [["--set", "alpha_hold=0.5", "--l0-lambda", "1e-3"],  # the paper's mode
-                                  ["--set", "target_hold=0.5", "--set", "target_reach=0.9"]])  # target mode
+@pytest.mark.parametrize("hold", [["--set", "alpha_hold=0.5", "--l0-lambda", "1e-3", "--set", "alpha_lr=0.1"],  # paper
+                                  ["--set", "target_hold=0.5", "--set", "target_reach=0.9",  # target, learned
+                                   "--set", "gate_choice=learned", "--set", "alpha_lr=0.1"],
+                                  ["--set", "target_hold=0.5", "--set", "target_reach=0.9"]])  # target, |w|
 def test_a_hold_freezes_the_gates_for_the_first_share_of_the_l0_phase(tmp_path, tiny_model_dir, data_dir,
                                                                      monkeypatch, hold):
     """With a hold of 0.5 of a 6-step L0 phase, α stays at α₀ through the first 3 optimizer steps while w
@@ -217,7 +219,7 @@ def test_a_hold_freezes_the_gates_for_the_first_share_of_the_l0_phase(tmp_path, 
 
     monkeypatch.setattr(KeptGrads, "grad_targets", record)
     assert main(train_args(tiny_model_dir, data_dir, tmp_path / "hold", "--l0-epochs", "2", "--seed", "3",
-                           *hold, "--set", "alpha_lr=0.1")) == 0
+                           *hold)) == 0
     assert len(seen) == 6
     alphas = [a for _, a in seen]
     assert all(torch.equal(alphas[0], a) for a in alphas[1:4])
@@ -244,12 +246,13 @@ def test_a_kept_l0_state_is_reused_by_a_run_at_another_sparsity(tmp_path, tiny_m
 
 def test_the_target_mode_steers_the_gates_after_each_step_and_records_the_density(tmp_path, tiny_model_dir,
                                                                                   data_dir):
-    """Default mode on a 12-step L0 phase: the shift starts after the hold (3 steps), the logged target
+    """Learned gates on a 12-step L0 phase: the shift starts after the hold (3 steps), the logged target
     follows the schedule, and metrics.json keeps the nonzero share before the projection."""
     from diffprune.core.density_control import DensitySchedule
 
     out = tmp_path / "t"
-    assert main(train_args(tiny_model_dir, data_dir, out, "--l0-epochs", "4", "--sparsity", "0.05")) == 0
+    assert main(train_args(tiny_model_dir, data_dir, out, "--l0-epochs", "4", "--sparsity", "0.05",
+                           "--set", "gate_choice=learned")) == 0
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     l0 = [r for r in records if r["phase"] == "l0" and "density_target" in r]
     schedule = DensitySchedule(0.05)
@@ -259,6 +262,26 @@ def test_the_target_mode_steers_the_gates_after_each_step_and_records_the_densit
         assert (r["gate_shift"] == 0.0) == ((r["step"] - 1) / 12 < 0.25)
     train = json.loads((out / "metrics.json").read_text())["phases"]["l0"]["train"]
     assert 0.0 <= train["nonzero_frac"] <= 1.0 and "expected_l0_frac" in train
+
+
+def test_the_default_magnitude_gates_put_the_density_on_the_schedule(tmp_path, tiny_model_dir, data_dir):
+    """Default mode, 12 L0 steps: after each step past the hold the density is the schedule's, to one
+    entry, and the L0 phase ends with at most t·d nonzeros, so the projection has nothing left to cut."""
+    from diffprune.core.density_control import DensitySchedule
+
+    out = tmp_path / "m"
+    assert main(train_args(tiny_model_dir, data_dir, out, "--l0-epochs", "4", "--sparsity", "0.05")) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    l0 = [r for r in records if r["phase"] == "l0" and "density_target" in r]
+    schedule = DensitySchedule(0.05)
+    d = json.loads((out / "metrics.json").read_text())["storage"]["num_diff_params"]
+    assert len(l0) >= 10
+    for r in l0:
+        progress = (r["step"] - 1) / 12
+        if progress >= 0.25:
+            assert r["expected_l0_frac"] == pytest.approx(round(schedule(progress) * d) / d, abs=1.5 / d)
+    train = json.loads((out / "metrics.json").read_text())["phases"]["l0"]["train"]
+    assert 0.0 < train["nonzero_frac"] <= round(0.05 * d) / d + 1e-12
 
 
 def test_a_crash_in_evaluation_loses_no_training(tmp_path, tiny_model_dir, data_dir, monkeypatch):

@@ -105,3 +105,52 @@ def test_density_of_a_group_larger_than_float32_counts_is_exact():
     source = L0Diff(FlatLayout(["emb", "bias"], [(n,), (100,)]), structured=True)
     p = torch.sigmoid(torch.tensor(5.0, dtype=torch.float64))
     assert source.density() == pytest.approx(float(p * p), rel=1e-5)
+
+
+def _top_by_sort(values, keep):
+    """Independent reference: the first `keep` of a stable sort by decreasing value."""
+    order = sorted(range(values.numel()), key=lambda i: (-float(values[i]), i))
+    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask
+
+
+@pytest.mark.parametrize("keep", [0, 1, 7, 40, 63, 100, 137, 200])
+def test_top_magnitude_mask_keeps_exactly_the_largest_ties_by_index(keep):
+    from diffprune.core.density_control import top_magnitude_mask
+    g = torch.Generator().manual_seed(keep)
+    values = torch.rand(200, generator=g) * 3
+    values[50:150] = 0.0  # a block of zeros, like the unused embedding rows' w
+    values[10:13] = values[20]  # and ties above it
+    mask = top_magnitude_mask(values, keep)
+    assert mask.dtype == torch.bool and int(mask.sum()) == keep
+    assert torch.equal(mask, _top_by_sort(values, keep))
+
+
+def test_top_magnitude_mask_radix_matches_kthvalue_on_spread_values():
+    from diffprune.core.density_control import top_magnitude_mask
+    values = torch.randn(5000, generator=torch.Generator().manual_seed(1)).abs() * torch.logspace(-8, 3, 5000)
+    for keep in (1, 25, 2500, 4999):
+        mask = top_magnitude_mask(values, keep)
+        cut = values.kthvalue(values.numel() - keep + 1).values
+        assert int(mask.sum()) == keep and bool(values[mask].min() == cut) and bool(values[~mask].max() < cut)
+    for bad in (torch.tensor([1.0, -0.5]), torch.tensor([1.0, float("nan")])):
+        with pytest.raises(ValueError):
+            top_magnitude_mask(bad, 1)
+    with pytest.raises(ValueError):
+        top_magnitude_mask(values, 5001)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_hard_gates_sample_exactly_the_mask(structured):
+    source = L0Diff(FlatLayout(["a", "b", "c"], [(30,), (20,), (10,)]), structured=structured)
+    mask = torch.zeros(60, dtype=torch.bool)
+    mask[[0, 5, 29, 31]] = True  # nothing open in "c"
+    source.set_gates_(mask)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert torch.equal(source.gates(True, g), mask.float())
+    assert torch.equal(source.gates(False), mask.float())
+    assert source.density() == pytest.approx(4 / 60)
+    if structured:
+        assert source.group_log_alpha.tolist() == [20.0, 20.0, -20.0]

@@ -88,7 +88,7 @@ def test_phases_project_to_exact_sparsity_and_export_roundtrip(tmp_path, structu
     model = make_tiny("bert")
     head = head_names_by_convention(model)
     cls = get_method("diff-pruning")
-    cfg = make_config(cls, dict(sparsity=0.01, structured=structured, alpha_init=0.5))
+    cfg = make_config(cls, dict(sparsity=0.01, structured=structured, alpha_init=0.5, gate_choice="learned"))
     method = cls(cfg, model, head)
     spec = method.build_phase("l0")
     assert [g.name for g in spec.groups] == ["diff", "alpha", "head"]
@@ -295,3 +295,46 @@ def test_gate_gradients_stay_out_of_gradient_clipping(tmp_path):
     total = torch.sqrt(sum((p.grad ** 2).sum() for p in clipped))
     assert float(total) == pytest.approx(1.0, rel=1e-4)
     assert torch.equal(source.log_alpha.grad, torch.full_like(source.log_alpha, 3.0))
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_magnitude_gates_follow_the_schedule_with_the_largest_w(structured):
+    """The default target mode: α is never trained, and after each step past the hold exactly
+    round(ρ_s·d) gates are open, those of the largest |w|."""
+    from diffprune.core.density_control import DensitySchedule
+    model = make_tiny("bert")
+    cls = get_method("diff-pruning")
+    cfg = make_config(cls, dict(sparsity=0.01, structured=structured))
+    assert cfg.magnitude_gates
+    method = cls(cfg, model, head_names_by_convention(model))
+    spec = method.build_phase("l0")
+    alpha = spec.groups[1]
+    assert alpha.name == "alpha" and alpha.scale(0.5) == 0.0
+    spec.plan(100)
+    source = spec.model.source
+    with torch.no_grad():
+        source.w.normal_()
+    before = source.log_alpha.clone()
+    spec.after_step(0.1)  # inside the hold: the gates are left as they were
+    assert torch.equal(source.log_alpha, before)
+    schedule, d = DensitySchedule(0.01, cfg.target_hold, cfg.target_reach), method.layout.total
+    for progress in (0.3, 0.5, 0.9):
+        spec.after_step(progress)
+        z = source.gates(True, torch.Generator().manual_seed(1))
+        keep = round(schedule(progress) * d)
+        assert int((z == 1).sum()) == keep and int((z == 0).sum()) == d - keep
+        w = source.w.detach().abs()
+        assert float(w[z == 1].min()) >= float(w[z == 0].max())
+    method.end_phase("l0")
+    assert method.phase_stats["l0"]["nonzero_frac"] == pytest.approx(round(0.01 * d) / d)
+    assert method.delta_model.source.indices.numel() == round(0.01 * d)
+
+
+def test_gate_choice_is_validated():
+    cls = get_method("diff-pruning")
+    assert not make_config(cls, dict(l0_lambda=1e-7)).magnitude_gates  # the paper's mode learns its gates
+    assert not make_config(cls, dict(gate_choice="learned")).magnitude_gates
+    for bad in (dict(gate_choice="magnitude", l0_lambda=1e-7), dict(gate_choice="random"),
+                dict(alpha_lr=0.1), dict(max_shift=0.5)):
+        with pytest.raises(DiffpruneError):
+            make_config(cls, bad)

@@ -14,6 +14,11 @@ Xia et al. 2022), so that the gates, not the magnitudes, pick what is kept:
   measured density ρ̂ = E‖δ‖₀/d is above the schedule and up while below: the penalty applied decoupled
   from the optimizer, as AdamW decouples weight decay. α's own optimizer sees only the task gradient, so
   a gate stays open where the task keeps pushing its α up faster than the shift lowers it.
+* `top_magnitude_mask`: the other way to follow the schedule (`gate_choice="magnitude"`): after every
+  step of the ramp, exactly round(ρ_s·d) entries are open, those of largest |w|, and the rest closed:
+  gradual magnitude pruning (Zhu & Gupta 2017) of the diff, inside the L0 phase. No gate noise and no gate
+  gradient; an entry closed at one step may reopen at a later one if its w (still moved by Adam's
+  momentum) overtakes a kept entry's.
 
 Why not a penalty weight steered through the loss (a Lagrange multiplier): α trains with Adam, which
 normalises each α's step, so the penalty's size barely changes how fast idle gates close. What λ does
@@ -28,6 +33,9 @@ Plain torch; `diffprune.methods.diff_pruning` wires both into its L0 phase.
 from __future__ import annotations
 
 import math
+
+import torch
+from torch import Tensor
 
 class DensitySchedule:
     """ρ_s(progress), progress = share of the L0 phase's steps done, in [0, 1].
@@ -86,3 +94,52 @@ class GateShift:
 def _logit(p: float) -> float:
     p = min(max(p, 1e-9), 1.0 - 1e-9)
     return math.log(p / (1.0 - p))
+
+
+def top_magnitude_mask(magnitudes: Tensor, keep: int) -> Tensor:
+    """A bool mask with exactly `keep` True entries: those of the largest magnitudes (≥ 0), ties broken by index.
+
+    This runs after every step on all d entries, where a kthvalue over MiniLM's 22.7M costs about as much
+    as the step itself. So the cut is found by radix selection instead: a non-negative float32's bits,
+    read as an int32, sort like the float, so two bincounts (over the top 16 bits, then the low 16 bits of
+    the one bucket that holds the cut) give the keep-th largest value exactly. Ties matter: the
+    word-embedding rows no batch used keep w = 0, and while `keep` exceeds the entries with w ≠ 0 the cut
+    falls inside that block of zeros.
+    """
+    d = magnitudes.numel()
+    if not 0 <= keep <= d:
+        raise ValueError(f"keep must be in [0, {d}], got {keep}")
+    if keep == d:
+        return torch.ones_like(magnitudes, dtype=torch.bool)
+    if keep == 0:
+        return torch.zeros_like(magnitudes, dtype=torch.bool)
+    values = magnitudes.detach().float().contiguous()
+    if not float(values.min()) >= 0.0:  # also catches NaN
+        raise ValueError("top_magnitude_mask takes magnitudes: values >= 0, no NaN")
+    cut, above, equal = _kth_largest(values, keep)
+    if above + equal == keep:  # no tie to break (the usual case once the cut is above w's zeros)
+        return values >= cut
+    mask = values > cut
+    ties = torch.nonzero(values == cut).squeeze(1)[:keep - above]  # the rest, first by index
+    mask[ties] = True
+    return mask
+
+
+def _kth_largest(values: Tensor, k: int) -> tuple[float, int, int]:
+    """The k-th largest of non-negative float32 `values` (1 <= k <= numel), by 2 × 16-bit radix selection,
+    with how many values lie above it and how many equal it."""
+    bits = values.view(torch.int32).flatten()
+    high = bits >> 16
+    bucket, above, _ = _bucket_of_kth(torch.bincount(high, minlength=1 << 15), k)
+    low = bits[high == bucket] & 0xFFFF
+    rest, above_in, equal = _bucket_of_kth(torch.bincount(low, minlength=1 << 16), k - above)
+    cut = float(torch.tensor((bucket << 16) | rest, dtype=torch.int32).view(torch.float32))
+    return cut, above + above_in, equal
+
+
+def _bucket_of_kth(counts: Tensor, k: int) -> tuple[int, int, int]:
+    """The bucket holding the k-th largest item, how many items lie in the buckets above it, and its count."""
+    at_or_above = counts.flip(0).cumsum(0).flip(0)
+    bucket = int((at_or_above >= k).nonzero().max())
+    above = int(at_or_above[bucket + 1]) if bucket + 1 < counts.numel() else 0
+    return bucket, above, int(counts[bucket])

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from . import hard_concrete as hc
 from .l0_step import KeptGrads, L0Step, StepPlan
 
+HARD_GATE = 20.0  # |α| of a gate made hard (`L0Diff.set_gates_`): its samples are exactly 0 or 1
+
 
 class FlatLayout:
     """Offsets of named tensors inside one flat vector."""
@@ -229,6 +231,16 @@ class L0Diff(nn.Module):
             self.log_alpha.sub_(amount)
             if self.structured:
                 self.group_log_alpha.sub_(amount)
+
+    @torch.no_grad()
+    def set_gates_(self, open_mask: Tensor, level: float = HARD_GATE) -> None:
+        """Make the gates hard: α = +level where `open_mask`, −level elsewhere (at ±20 every Hard-Concrete
+        sample is exactly 1 or 0, since |logit u| ≤ 14 for u in [EPS, 1 − EPS]). Structured: a group gate
+        is open iff its tensor holds an open entry, so the group gates close only what holds nothing."""
+        self.log_alpha.copy_(torch.where(open_mask, level, -level))
+        if self.structured:
+            groups = torch.stack([part.any() for part in torch.split(open_mask, self.layout.numels)])
+            self.group_log_alpha.copy_(torch.where(groups, level, -level))
 
     @torch.no_grad()
     def open_fraction(self) -> float:

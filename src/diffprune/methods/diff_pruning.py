@@ -5,12 +5,17 @@ learning rate); at its end the gates are sampled once, δ is projected onto the 
 entries kept by |δ|), and `fixed_mask` finetunes those entries with the mask fixed. `--structured` adds
 one group gate per pretrained tensor. The task head trains densely throughout.
 
-How the gates close is the one departure from the paper, by default. The paper adds λ·E‖δ‖₀ to the loss
+How the gates close is the departure from the paper, by default. The paper adds λ·E‖δ‖₀ to the loss
 with a fixed λ, and where the gates end depends on λ, the budget and Adam; the projection then removes
 the rest. By default the phase aims at t itself (`core/density_control.py`): the gates stay open for the
-first quarter (w learns densely), the expected density then falls from 1 to t on a cubic schedule, each
-step followed by a shift of every α that keeps E‖δ‖₀/d on it, and the last quarter re-fits w at density
-t, so the projection removes little. `--l0-lambda X` is the paper's fixed-λ mode.
+first quarter (w learns densely), the density then falls from 1 to t on a cubic schedule, and the last
+quarter re-fits w at density t, so the projection removes nothing. Which entries stay open along the way
+is `gate_choice`: by default those of largest |w| (gradual magnitude pruning of the diff, the gates made
+hard after every step), or with `gate_choice=learned` Hard-Concrete gates trained on the task loss and
+shifted after every step to keep E‖δ‖₀/d on the schedule. The default is the magnitudes because on the
+shared GLUE tasks at a few epochs the learned gates closed before the model had learnt and left masks the
+fixed-mask phase could not recover from (benchmarks/RESULTS.md, sessions 15-17). `--l0-lambda X` is the
+paper's fixed-λ mode, with learned gates.
 
     diffprune train --model minilm --task rte --data-dir ../shared/data/glue \
         --method diff-pruning --structured --sparsity 0.005 --output-dir runs/rte-dp
@@ -23,7 +28,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from ..core.density_control import DensitySchedule, GateShift
+from ..core.density_control import DensitySchedule, GateShift, top_magnitude_mask
 from ..core.diff_vector import FixedMaskDiff, L0Diff
 from ..core.projection import project_l0
 from ..errors import DiffpruneError
@@ -47,6 +52,12 @@ class DiffPruningConfig(MethodConfig):
     # 1.25e-7 for BERT-large), and the projection removes whatever the gates leave above t.
     l0_lambda: float | None = None
     l0_epochs: float = 3.0      # epochs of the L0 phase (`epochs` is the fixed-mask phase)
+    # Target mode: which entries stay open as the density falls. "magnitude": after every step from the
+    # hold's end, exactly round(ρ_s·d) gates are open, those of the largest |w|, the others closed (α is
+    # not trained; structured: a group gate closes iff its tensor keeps no entry). "learned": the gates
+    # are trained on the task loss and every α is shifted after each step to keep E‖δ‖₀/d on the schedule.
+    # None: "magnitude" in target mode; the paper's fixed-λ mode always learns its gates.
+    gate_choice: str | None = None
     # Target mode: the density schedule. Gates are held open for the first `target_hold` of the L0 phase
     # (with w = 0 they get no task gradient, so any penalty would close them at random), the density falls
     # to t by `target_reach`, and the rest of the phase re-fits w at density t.
@@ -106,6 +117,14 @@ class DiffPruningConfig(MethodConfig):
         if not 0.0 <= self.target_hold < self.target_reach <= 1.0:
             raise DiffpruneError("the density schedule needs 0 <= target_hold < target_reach <= 1, got "
                                  f"target_hold={self.target_hold}, target_reach={self.target_reach}")
+        if self.gate_choice not in (None, "magnitude", "learned"):
+            raise DiffpruneError(f"gate_choice must be magnitude or learned, got {self.gate_choice!r}")
+        if self.gate_choice == "magnitude" and not self.targeted:
+            raise DiffpruneError("gate_choice=magnitude follows the target schedule; the paper's fixed-λ mode "
+                                 "(l0_lambda set) learns its gates: drop one of the two")
+        if self.magnitude_gates and (self.alpha_lr is not None or self.max_shift is not None):
+            raise DiffpruneError("alpha_lr and max_shift steer learned gates; with gate_choice=magnitude the "
+                                 "gates follow |w| (set gate_choice=learned to use them)")
         if self.targeted and (self.alpha_hold or self.l0_warmup):
             raise DiffpruneError("alpha_hold and l0_warmup belong to the paper's fixed-λ mode (set l0_lambda); "
                                  "the target mode holds the gates through target_hold")
@@ -114,6 +133,11 @@ class DiffPruningConfig(MethodConfig):
     def targeted(self) -> bool:
         """True when the L0 phase steers its density to `sparsity` (no fixed λ given)."""
         return self.l0_lambda is None
+
+    @property
+    def magnitude_gates(self) -> bool:
+        """True when the gates are set from |w| after each step rather than learned."""
+        return self.targeted and self.gate_choice != "learned"
 
 
 @register
@@ -149,6 +173,8 @@ class DiffPruning(FixedMaskMixin, Method):
             hold = c.target_hold if c.targeted else c.alpha_hold
             alpha_group = ParamGroup("alpha", alphas, c.alpha_lr or PAPER_ALPHA_LR, 0.0, schedule="constant",
                                      eps=c.alpha_eps, hold=hold, clip=False)
+            if c.magnitude_gates:  # α is set from |w|, never trained
+                alpha_group.scale = lambda progress: 0.0
             diff_group = ParamGroup("diff", [source.w], c.lr, c.weight_decay)
             if c.targeted and c.lr_follows_density:
                 end = (c.fixed_lr or default_fixed_lr(c.lr, c.sparsity)) / c.lr
@@ -161,10 +187,16 @@ class DiffPruning(FixedMaskMixin, Method):
                 # the density ramp, whatever the budget
                 ramp = max(1.0, schedule.ramp_share() * steps)
                 shift.max_step = c.max_shift or 2.0 * (c.alpha_init + 5.0) / ramp
-                if c.alpha_lr is None:
+                if c.alpha_lr is None and not c.magnitude_gates:
                     alpha_group.lr = shift.max_step
 
             def after_step(progress: float) -> None:
+                if c.magnitude_gates:
+                    self._last = (progress, 0.0)
+                    if progress >= schedule.hold:
+                        keep = max(1, int(round(schedule(progress) * source.w.numel())))
+                        source.set_gates_(top_magnitude_mask(source.w.detach().abs(), keep))
+                    return
                 amount = shift(progress, source.density())
                 source.shift_gates_(amount)
                 self._last = (progress, amount)
