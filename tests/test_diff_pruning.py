@@ -338,3 +338,25 @@ def test_gate_choice_is_validated():
                 dict(alpha_lr=0.1), dict(max_shift=0.5)):
         with pytest.raises(DiffpruneError):
             make_config(cls, bad)
+
+
+def test_a_magnitude_state_projected_above_its_sparsity_adds_the_last_closed_entries():
+    """Projecting a hard-gated L0 state to twice its sparsity keeps every open entry, then the closed
+    ones of largest |w| (the last the schedule closed), not the first by index."""
+    torch.manual_seed(0)
+    model = make_tiny("bert")
+    cls = get_method("diff-pruning")
+    method = cls(make_config(cls, dict(sparsity=0.02)), model, head_names_by_convention(model))
+    source = method.build_phase("l0").model.source
+    d = source.w.numel()
+    with torch.no_grad():
+        source.w.normal_()
+    mask = torch.zeros(d, dtype=torch.bool)
+    mask[torch.randperm(d)[: round(0.01 * d)]] = True
+    source.set_gates_(mask)  # half the final count open, as a 1% run would leave
+    method.end_phase("l0")
+    kept = torch.zeros(d, dtype=torch.bool)
+    kept[method.delta_model.source.indices] = True
+    assert int(kept.sum()) == round(0.02 * d) and bool(kept[mask].all())
+    closed = source.w.detach().abs().masked_fill(mask, -1.0)
+    assert torch.equal(kept & ~mask, closed >= closed.topk(round(0.02 * d) - int(mask.sum())).values.min())

@@ -98,7 +98,7 @@ def cmd_train(args) -> int:
     options = {k: v for k, v in dict(
         sparsity=args.sparsity, structured=True if args.structured else None, epochs=args.epochs,
         l0_epochs=args.l0_epochs, lr=args.lr, alpha_lr=args.alpha_lr, l0_lambda=args.l0_lambda,
-        include=args.include, exclude=args.exclude).items() if v is not None}
+        gate_choice=args.gate_choice, include=args.include, exclude=args.exclude).items() if v is not None}
     for item in args.set or []:
         if "=" not in item:
             raise DiffpruneError(f"--set expects key=value, got {item!r}")
@@ -276,11 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, help="epochs of the (last) training phase")
     t.add_argument("--l0-epochs", type=float, help="epochs of Diff Pruning's L0 phase")
     t.add_argument("--lr", type=float)
-    t.add_argument("--alpha-lr", type=float, help="AdamW learning rate of the gates α (default: the paper's 0.1, "
-                   "raised on short budgets so that the gates can reach the target sparsity in time)")
-    t.add_argument("--l0-lambda", type=float, help="the paper's mode: a fixed weight λ of E‖δ‖₀ (the paper: 1.25e-7 "
-                   "for BERT-large). Default: none; the L0 phase steers λ itself so that its density reaches "
-                   "--sparsity")
+    t.add_argument("--gate-choice", choices=("magnitude", "learned"),
+                   help="Diff Pruning: which entries the L0 phase keeps open as it closes the diff down to "
+                   "--sparsity: those of largest |w| (default) or learned Hard-Concrete gates steered to the "
+                   "schedule")
+    t.add_argument("--alpha-lr", type=float, help="AdamW learning rate of learned gates α (default: the paper's 0.1 "
+                   "with --l0-lambda; sized to the budget with --gate-choice learned)")
+    t.add_argument("--l0-lambda", type=float, help="the paper's mode: a fixed weight λ of E‖δ‖₀ and learned gates "
+                   "(the paper: 1.25e-7 for BERT-large). Default: none; the L0 phase closes the diff on a "
+                   "schedule down to --sparsity itself")
     t.add_argument("--include", action="append", help="diff-prune only parameters matching this pattern")
     t.add_argument("--exclude", action="append", help="leave parameters matching this pattern frozen")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other method option")

@@ -272,5 +272,9 @@ class DiffPruning(FixedMaskMixin, Method):
         delta = source.final_delta(generator)  # u sampled once: many entries exactly 0
         self.phase_stats["l0"] = {"nonzero_frac": float((delta != 0).float().mean()),
                                   "expected_l0_frac": source.density()}
-        idx, values = project_l0(delta, self.config.sparsity, tiebreak=source.keep_probability())
+        # ties among δ's zeros (a kept L0 state projected to a sparsity above its own): learned gates rank
+        # them by P(open); hard magnitude gates are all alike, so by the |w| each entry had when it closed,
+        # the order in which the schedule closed them
+        tiebreak = source.w.detach().abs() if self.config.magnitude_gates else source.keep_probability()
+        idx, values = project_l0(delta, self.config.sparsity, tiebreak=tiebreak)
         self.set_fixed_mask(FixedMaskDiff(self.layout, idx, values))
