@@ -1,9 +1,10 @@
-"""Steering the L0 phase to a chosen density: a target schedule and a controller that moves the gates.
+"""Steering the L0 phase to a chosen density: a target schedule, and two ways for the gates to follow it.
 
 The paper fixes λ and lets the gates settle wherever λ, the budget and the optimizer take them; the
 projection to the requested sparsity then removes whatever the gates left over. Here the user gives the
 sparsity t and the L0 phase aims at it (the constrained-density idea of Wang et al. 2020 and CoFi,
-Xia et al. 2022), so that the gates, not the magnitudes, pick what is kept:
+Xia et al. 2022), so that the projection at its end removes nothing; what follows the schedule is either
+the learned gates, shifted (`GateShift`), or the magnitudes of w (`top_magnitude_mask`):
 
 * `DensitySchedule`: the expected share of nonzeros ρ_s the phase should have at each point. It stays at 1
   while the gates are held (w learns with every gate open; with w = 0 the gates get no task gradient and
@@ -36,6 +37,7 @@ import math
 
 import torch
 from torch import Tensor
+
 
 class DensitySchedule:
     """ρ_s(progress), progress = share of the L0 phase's steps done, in [0, 1].
