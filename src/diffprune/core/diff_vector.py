@@ -235,7 +235,8 @@ class L0Diff(nn.Module):
     @torch.no_grad()
     def set_gates_(self, open_mask: Tensor, level: float = HARD_GATE) -> None:
         """Make the gates hard: α = +level where `open_mask`, −level elsewhere (at ±20 every Hard-Concrete
-        sample is exactly 1 or 0, since |logit u| ≤ 14 for u in [EPS, 1 − EPS]). Structured: a group gate
+        sample is exactly 1 or 0, since |logit u| ≤ 14 for u in [EPS, 1 − EPS], whenever the stretch
+        interval reaches 0.3% of its width past 0 and 1, as the default (−1.5, 1.5) does). Structured: a group gate
         is open iff its tensor holds an open entry, so the group gates close only what holds nothing."""
         self.log_alpha.copy_(torch.where(open_mask, level, -level))
         if self.structured:
